@@ -1,0 +1,158 @@
+"""
+Speed and memory of every model at one shape, side by side, as ratios to the baseline "gpt".
+
+    python bench.py                                    # all registered models, CPU or CUDA
+    python bench.py --models=gpt,dca,dca:dca_k=2 --n_layer=12
+    python bench.py --json                             # what the README's tables are made from
+
+Timing: forward + backward of one batch, all models in ONE process, interleaved (model A,
+B, C, A, B, C, ...) so that a slow moment of the machine hits every model alike; the median
+over the repeats. Memory: on CUDA the peak allocated memory of a step; on CPU the peak RSS
+a fresh process gains over its start while it builds the model and runs two steps (each
+model in its own process, since RSS never goes down).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import fields
+
+import torch
+
+import gpt
+
+
+def parse_spec(spec):
+    """'dca:dca_k=2,grn=v2' -> ('dca', {'dca_k': 2, 'grn': 'v2'}) typed by the config's fields."""
+    name, _, rest = spec.partition(":")
+    models = gpt.all_models()
+    if name not in models:
+        sys.exit(f"error: unknown model {name!r} in --models; known: {', '.join(models)}")
+    types = {f.name: f.type for f in fields(models[name][0])}
+    overrides = {}
+    for item in filter(None, rest.split(";")):
+        key, _, value = item.partition("=")
+        if key not in types:
+            sys.exit(f"error: {spec}: model {name} has no option {key!r}")
+        kind = types[key]
+        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return name, overrides
+
+
+def build(spec, args, device):
+    name, overrides = parse_spec(spec)
+    shape = dict(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
+                 n_head=args.n_head, n_embd=args.n_embd)
+    config_class, model_class = gpt.all_models()[name]
+    torch.manual_seed(0)
+    model = model_class(config_class(**{**shape, "model": name, **overrides})).to(device)
+    return torch.compile(model) if args.compile else model, model.num_params()
+
+
+def make_step(model, args, device):
+    idx = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size), device=device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with amp:
+            _, loss = model(idx, targets=idx)
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+    return step
+
+
+def rss_mb(field):
+    """VmRSS (now) or VmHWM (peak) of this process, from Linux's /proc, in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def memory_probe(spec, args):
+    """Run in a fresh process: peak RSS gained by building the model and running two steps."""
+    device = torch.device("cpu")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (high-water mark) to the current RSS
+    before = rss_mb("VmRSS")
+    model, _ = build(spec, args, device)
+    step = make_step(model, args, device)
+    step()
+    step()
+    print(rss_mb("VmHWM") - before)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--models", default="", help="comma-separated model[:key=value;key=value] specs; default: all")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--block_size", type=int, default=256)
+    parser.add_argument("--n_layer", type=int, default=6)
+    parser.add_argument("--n_head", type=int, default=6)
+    parser.add_argument("--n_embd", type=int, default=384)
+    parser.add_argument("--vocab_size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument("--memory_probe", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        return memory_probe(args.memory_probe, args)
+
+    specs = args.models.split(",") if args.models else list(gpt.all_models())
+    if "gpt" not in specs:
+        specs.insert(0, "gpt")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    runs = {}
+    for spec in specs:
+        model, n_params = build(spec, args, device)
+        runs[spec] = {"params": n_params, "step": make_step(model, args, device), "times": []}
+        for _ in range(args.warmup):  # also compiles, with --compile
+            runs[spec]["step"]()
+    for _ in range(args.repeats):  # interleaved: every model sees the same machine state
+        for run in runs.values():
+            sync()
+            t0 = time.perf_counter()
+            run["step"]()
+            sync()
+            run["times"].append(time.perf_counter() - t0)
+
+    for spec, run in runs.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            run["step"]()
+            run["mem"] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            probe = [sys.executable, __file__, f"--memory_probe={spec}"] + [
+                f"--{k}={getattr(args, k)}" for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size")]
+            run["mem"] = float(subprocess.run(probe, capture_output=True, text=True, check=True).stdout.split()[-1])
+
+    base_ms = statistics.median(runs["gpt"]["times"]) * 1000
+    base_mem = runs["gpt"]["mem"]
+    rows = []
+    for spec, run in runs.items():
+        ms = statistics.median(run["times"]) * 1000
+        rows.append({"model": spec, "params": run["params"], "ms_per_step": round(ms, 2),
+                     "tokens_per_s": round(args.batch_size * args.block_size / (ms / 1000)),
+                     "peak_mem_mb": round(run["mem"], 1), "ratio_to_gpt": round(ms / base_ms, 3),
+                     "mem_ratio_to_gpt": round(run["mem"] / base_mem, 3)})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{where} | batch {args.batch_size} x {args.block_size} tokens | n_layer {args.n_layer} n_head {args.n_head} "
+          f"n_embd {args.n_embd} | fwd+bwd, median of {args.repeats}{' | compiled' if args.compile else ''}")
+    print(f"{'model':<28} {'params':>10} {'ms/step':>9} {'tok/s':>9} {'mem MB':>8} {'× gpt':>7} {'mem × gpt':>9}")
+    for r in rows:
+        print(f"{r['model']:<28} {r['params']:>10,} {r['ms_per_step']:>9.1f} {r['tokens_per_s']:>9,} "
+              f"{r['peak_mem_mb']:>8.0f} {r['ratio_to_gpt']:>7.3f} {r['mem_ratio_to_gpt']:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()
