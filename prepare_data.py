@@ -1,0 +1,311 @@
+"""
+Prepare a token dataset for train.py:
+
+    text -> data/<name>/train.bin, val.bin (raw np.uint16 token ids) + meta.json
+
+python prepare_data.py                                # offline: this Python's stdlib, bytes
+python prepare_data.py --source=shakespeare --tokenizer=gpt2
+python prepare_data.py --source=c4 --tokenizer=gpt2 --max_tokens=50000000
+python prepare_data.py --text=path/to/file_or_folder
+
+Read the result with np.memmap(path, dtype=np.uint16, mode="r").
+
+Documents: every file (stdlib, --text folder) or streamed record is one document. The val
+split is the last val_fraction of the documents; a corpus of a single document (shakespeare,
+one --text file) is split by tokens instead. gpt2 puts EOT (50256) after every document;
+byte has no EOT, so a document that does not end with a newline gets one.
+
+Every file is written to a temporary name and renamed into place, and meta.json is written
+last: a dataset directory is complete if and only if it has a meta.json.
+"""
+import argparse
+import json
+import os
+import sys
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+HUB_SOURCES = {  # source -> datasets.load_dataset(path, name), streamed
+    "lm1b": ("lm1b", None),
+    "c4": ("allenai/c4", "en"),
+    "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
+}
+SOURCES = ["stdlib", "shakespeare", *HUB_SOURCES, "text"]
+HUB_MAX_TOKENS = 10_000_000  # default budget for the streamed corpora
+SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}  # for stdlib
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+class ByteTokenizer:
+    name = "byte"
+    vocab_size = 256
+    eot_token = None
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return np.asarray(ids, dtype=np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class TiktokenTokenizer:
+    def __init__(self, encoding):
+        self.encoding = encoding
+        self.name = encoding.name
+        self.vocab_size = encoding.n_vocab
+        has_eot = "<|endoftext|>" in encoding.special_tokens_set
+        self.eot_token = encoding.eot_token if has_eot else None
+
+    def encode(self, text):
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.encoding.decode([int(i) for i in ids], errors="replace")
+
+
+def get_tokenizer(name):
+    """'byte', 'gpt2', or an already built tiktoken.Encoding (no download needed)."""
+    if isinstance(name, (ByteTokenizer, TiktokenTokenizer)):
+        return name
+    if name == "byte":
+        return ByteTokenizer()
+    import tiktoken
+    if isinstance(name, tiktoken.Encoding):
+        return TiktokenTokenizer(name)
+    if name != "gpt2":
+        sys.exit(f"error: unknown tokenizer '{name}'; use --tokenizer=byte or --tokenizer=gpt2")
+    try:
+        return TiktokenTokenizer(tiktoken.get_encoding("gpt2"))
+    except Exception as e:
+        sys.exit(f"error: the gpt2 tokenizer files could not be downloaded ({type(e).__name__}); "
+                 "use --tokenizer=byte, or run once with internet so tiktoken caches them "
+                 "(TIKTOKEN_CACHE_DIR sets where)")
+
+# -----------------------------------------------------------------------------
+# sources: each yields documents (str)
+
+def read_text(path):
+    """The file's text, or None if it is binary or not utf-8."""
+    data = Path(path).read_bytes()
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def list_files(root, suffix="", skip_dirs=()):
+    """All files under root, sorted, without hidden files and without skip_dirs."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs and not d.startswith(".")]
+        files += [os.path.join(dirpath, f) for f in filenames
+                  if f.endswith(suffix) and not f.startswith(".")]
+    return sorted(files, key=lambda f: os.path.relpath(f, root))
+
+
+def file_docs(paths):
+    skipped = 0
+    for path in paths:
+        text = read_text(path)
+        if text is None:
+            skipped += 1
+        elif text:
+            yield text
+    if skipped:
+        print(f"skipped {skipped} binary or non-utf-8 files", file=sys.stderr)
+
+
+def stdlib_docs():
+    root = sysconfig.get_paths()["stdlib"]
+    return file_docs(list_files(root, ".py", SKIP_DIRS))
+
+
+def text_docs(path):
+    if os.path.isdir(path):
+        return file_docs(list_files(path))
+    return file_docs([path])
+
+
+def shakespeare_docs():
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
+            yield response.read().decode("utf-8")
+    except OSError as e:
+        sys.exit(f"error: could not download {SHAKESPEARE_URL} ({getattr(e, 'reason', e)}); check the "
+                 "network, or use the offline default (python prepare_data.py) or --text=PATH")
+
+
+def hub_docs(source):
+    try:
+        import datasets
+    except ImportError:
+        sys.exit(f"error: --source={source} needs the datasets package: pip install datasets")
+    path, name = HUB_SOURCES[source]
+    print(f"streaming {path} from the Hugging Face hub (HF_HUB_OFFLINE=1: use only the local cache)")
+    try:
+        for row in datasets.load_dataset(path, name, split="train", streaming=True):
+            yield row["text"]
+    except Exception as e:  # hub and network errors come in many classes
+        reason = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        sys.exit(f"error: could not stream {path} from the Hugging Face hub ({reason}); "
+                 "the network or hub is unreachable? use the offline default "
+                 "(python prepare_data.py) or --text=PATH")
+
+
+def source_docs(source, text=None):
+    if source == "stdlib":
+        return stdlib_docs()
+    if source == "shakespeare":
+        return shakespeare_docs()
+    if source == "text":
+        return text_docs(text)
+    return hub_docs(source)
+
+
+def describe(source, text=None):
+    """The source as a string for meta.json; equal strings mean the same corpus."""
+    if source == "stdlib":
+        return f"stdlib:{sysconfig.get_paths()['stdlib']}"
+    if source == "shakespeare":
+        return f"shakespeare:{SHAKESPEARE_URL}"
+    if source == "text":
+        return f"text:{os.path.abspath(text)}"
+    path, name = HUB_SOURCES[source]
+    return f"hub:{path}" + (f"/{name}" if name else "")
+
+# -----------------------------------------------------------------------------
+
+def tokenize(docs, tok, max_tokens=None):
+    """One uint16 array per document, stopping after max_tokens tokens in total."""
+    arrays, n_tokens, last_print = [], 0, 0.0
+    for doc in docs:
+        if tok.eot_token is None and not doc.endswith("\n"):
+            doc += "\n"
+        ids = tok.encode(doc)
+        if tok.eot_token is not None:
+            ids.append(tok.eot_token)
+        if max_tokens is not None:
+            ids = ids[:max_tokens - n_tokens]
+        arrays.append(np.array(ids, dtype=np.uint16))
+        n_tokens += len(ids)
+        if time.time() - last_print > 0.5:
+            print(f"\rtokenizing: {len(arrays):,} docs, {n_tokens:,} tokens", end="", file=sys.stderr)
+            last_print = time.time()
+        if max_tokens is not None and n_tokens >= max_tokens:
+            break
+    print(f"\rtokenizing: {len(arrays):,} docs, {n_tokens:,} tokens", file=sys.stderr)
+    return arrays
+
+
+def split(arrays, val_fraction):
+    """(train, val): the last val_fraction of the documents, or of the tokens if only one."""
+    parts = arrays[0] if len(arrays) == 1 else arrays  # one document is split at a token
+    n_train = len(parts) - min(max(1, round(len(parts) * val_fraction)), len(parts) - 1)
+    if len(arrays) == 1:
+        train, val = parts[:n_train], parts[n_train:]
+    else:
+        empty = [np.zeros(0, dtype=np.uint16)]
+        train, val = np.concatenate(parts[:n_train] + empty), np.concatenate(parts[n_train:] + empty)
+    if len(train) == 0 or len(val) == 0:
+        sys.exit(f"error: the corpus is too small to split into train and val "
+                 f"({len(train) + len(val)} tokens); give it more text")
+    return train, val
+
+
+def write_atomic(path, write):
+    """write(f) into a temporary file next to path, then rename it to path."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def prepare(source="stdlib", tokenizer="byte", name=None, text=None, max_tokens=None,
+            val_fraction=0.05, data_dir="data", force=False):
+    """Build data_dir/<name> unless it is already there; returns its path."""
+    if text is not None:
+        if source not in ("stdlib", "text"):
+            sys.exit(f"error: --text and --source={source} exclude each other; drop one")
+        source = "text"
+    if source not in SOURCES:
+        sys.exit(f"error: unknown source '{source}'; use one of {', '.join(SOURCES)} (or --text=PATH)")
+    if source == "text" and text is None:
+        sys.exit("error: --source=text needs --text=PATH (a file or a folder)")
+    if source == "text" and not os.path.exists(text):
+        sys.exit(f"error: --text={text} does not exist; give an existing file or folder")
+    if not 0 < val_fraction < 1:
+        sys.exit(f"error: --val_fraction={val_fraction} must be between 0 and 1")
+    if max_tokens is None and source in HUB_SOURCES:
+        max_tokens = HUB_MAX_TOKENS
+    if max_tokens is not None and max_tokens < 2:
+        sys.exit(f"error: --max_tokens={max_tokens} is too small")
+    tok = get_tokenizer(tokenizer)
+    if tok.vocab_size > 65535:
+        sys.exit(f"error: vocab_size {tok.vocab_size} does not fit in uint16 token files")
+
+    if name is None:
+        name = Path(text).resolve().stem if source == "text" else {"stdlib": "pystdlib"}.get(source, source)
+        name += "" if tok.name == "byte" else f"-{tok.name}"
+    out_dir = os.path.join(data_dir, name)
+    meta_path = os.path.join(out_dir, "meta.json")
+    settings = dict(tokenizer=tok.name, source=describe(source, text), max_tokens=max_tokens,
+                    val_fraction=val_fraction)
+    if os.path.exists(meta_path) and not force:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if all(meta.get(k) == v for k, v in settings.items()):
+            print(f"{out_dir} already prepared ({meta['train_tokens']:,} train tokens); "
+                  "use --force to rebuild")
+            return out_dir
+        sys.exit(f"error: {out_dir} holds another dataset ({meta.get('source')}, "
+                 f"{meta.get('tokenizer')}); use --force to rebuild it or --name=NEW")
+
+    print(f"preparing {out_dir} from {settings['source']} with the {tok.name} tokenizer")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # the directory is incomplete until the new meta.json lands
+    train, val = split(tokenize(source_docs(source, text), tok, max_tokens), val_fraction)
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomic(os.path.join(out_dir, "train.bin"), train.tofile)
+    write_atomic(os.path.join(out_dir, "val.bin"), val.tofile)
+    meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, train_tokens=len(train),
+                val_tokens=len(val), eot_token=tok.eot_token) | settings
+    write_atomic(meta_path, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8")))
+    print(f"wrote {out_dir}: {len(train):,} train + {len(val):,} val tokens")
+    return out_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="stdlib",
+                        help=f"one of: {', '.join(SOURCES)} (default: stdlib, offline)")
+    parser.add_argument("--tokenizer", default="byte", help="byte (vocab 256, offline) or gpt2 (tiktoken)")
+    parser.add_argument("--name", default=None,
+                        help="dataset name under data_dir (default: from the source and tokenizer)")
+    parser.add_argument("--text", default=None,
+                        help="a local text file (one document) or folder (every text file in it)")
+    parser.add_argument("--max_tokens", type=int, default=None,
+                        help=f"token budget (default: all; {HUB_MAX_TOKENS:,} for {', '.join(HUB_SOURCES)})")
+    parser.add_argument("--val_fraction", type=float, default=0.05, help="fraction of the documents held out for val")
+    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+    args = parser.parse_args(argv)
+    prepare(**vars(args))
+
+
+if __name__ == "__main__":
+    main()
