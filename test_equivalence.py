@@ -23,6 +23,9 @@ MODELS = gpt.all_models()
 # settings that take a different code path.
 CASES = [(name, {}) for name in MODELS] + [
     ("gpt", {"qk_norm": True, "mlp": "gelu", "tie_embeddings": False}),
+    ("resformer", {"value_residual": "learnable"}),
+    ("resformer", {"value_residual": "constant", "value_residual_lambda": 2.0}),
+    ("resformer", {"value_residual": "sparse", "value_residual_lambda": 5.0, "value_residual_layers": "3-4"}),
 ]
 
 
@@ -159,6 +162,108 @@ def test_compile_equals_eager(name):
     logits, loss = compiled(idx, targets)
     check(f"{name}: torch.compile == eager (float32)", logits, eager_logits, 1e-4)
     check(f"{name}: torch.compile loss == eager loss", loss, eager_loss, 1e-5)
+
+
+# -----------------------------------------------------------------------------
+# ResFormer / SVFormer (resformer.py): the value residual
+
+def set_lambdas(model, lambda_1, lambda_2):
+    with torch.no_grad():
+        for block in model.blocks[1:]:
+            block.attn.lambda_1.fill_(lambda_1)
+            block.attn.lambda_2.fill_(lambda_2)
+
+
+def test_resformer_lambda_0_1_equals_gpt():
+    base = perturb(make_model("gpt"))
+    idx = tokens()
+    expected, _ = base(idx)
+    learnable = make_model("resformer", value_residual="learnable")
+    assert sorted(copy_weights(base, learnable)) == sorted(
+        f"blocks.{i}.attn.lambda_{j}" for i in range(1, TINY["n_layer"]) for j in (1, 2))
+    set_lambdas(learnable, 0.0, 1.0)
+    constant = make_model("resformer", value_residual="constant", value_residual_lambda=0.0)
+    assert copy_weights(base, constant) == []
+    for label, model in (("learnable λ", learnable), ("constant λ1=0", constant)):
+        logits, _ = model(idx)
+        check(f"resformer {label} = (0, 1) == gpt, same weights", logits, expected, 1e-12)
+    identity = make_model("resformer")
+    copy_weights(base, identity)
+    assert (identity(idx)[0] - expected).abs().max() > 1e-6, "the default λ = (0.5, 0.5) changed nothing"
+
+
+def test_svformer_equals_resformer_lambda_1_0_without_unused_wv():
+    sv = perturb(make_model("svformer"))
+    res = make_model("resformer", value_residual="learnable")
+    missing = copy_weights(sv, res)  # all of svformer's weights fit; resformer has W_V and λs extra
+    extra = [f"blocks.{i}.attn.{n}" for i in range(1, TINY["n_layer"]) for n in ("c_v.weight", "lambda_1", "lambda_2")]
+    assert sorted(missing) == sorted(extra), missing
+    assert res.num_params() - sv.num_params() == (TINY["n_layer"] - 1) * (TINY["n_embd"] ** 2 + 2)
+    set_lambdas(res, 1.0, 0.0)
+    idx = tokens()
+    check("svformer == resformer with λ = (1, 0)", sv(idx)[0], res(idx)[0], 1e-12)
+
+
+def test_resformer_learnable_lambdas_get_gradients_and_no_weight_decay():
+    model = perturb(make_model("resformer", value_residual="learnable")).train()
+    lambdas = {n: p for n, p in model.named_parameters() if "lambda" in n}
+    assert not any(n.startswith("blocks.0.") for n in lambdas), "layer 1 must have no λ"
+    assert len(lambdas) == 2 * (TINY["n_layer"] - 1)
+    idx = tokens()
+    _, loss = model(idx, targets=torch.roll(idx, -1, dims=1))
+    loss.backward()
+    grads = torch.stack([p.grad.abs() for p in lambdas.values()])
+    print(f"PASS  every λ gets a gradient: min |grad| {grads.min().item():.2e}")
+    assert grads.min() > 0
+    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95))
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert all(decay_of[id(p)] == 0.0 for p in lambdas.values()), "λs must get no weight decay"
+    assert decay_of[id(model.blocks[1].attn.c_v.weight)] == 0.1
+
+
+def test_resformer_sparse_mixes_only_the_chosen_layers():
+    model = make_model("resformer", n_layer=8, value_residual="sparse",
+                       value_residual_lambda=5.0, value_residual_layers="6-8")
+    assert [b.attn.mixes for b in model.blocks] == [False] * 5 + [True] * 3
+    assert all((b.attn.lambda_1, b.attn.lambda_2) == (5.0, 1.0) for b in model.blocks[5:])
+    for bad in ("1-3", "6-9", "7-6", "six", ""):
+        with pytest.raises(ValueError):
+            make_model("resformer", n_layer=8, value_residual="sparse", value_residual_layers=bad)
+    with pytest.raises(ValueError):
+        make_model("resformer", value_residual="constant", value_residual_layers="2-3")
+    with pytest.raises(ValueError):
+        make_model("resformer", value_residual="residual")
+
+
+def test_svformer_caches_one_value_tensor():
+    L, B, T = TINY["n_layer"], 2, 11
+    idx = tokens(B=B, T=T)
+    nbytes = {}
+    for name in ("gpt", "resformer", "svformer"):
+        model = perturb(make_model(name))
+        cache = gpt.KVCache(L)
+        with torch.no_grad():
+            model(idx, cache=cache)
+        nbytes[name] = cache.nbytes()
+        if name == "svformer":
+            assert [sorted(d) for d in cache.layers] == [["k", "v"]] + [["k"]] * (L - 1)
+    one_tensor = B * TINY["n_head"] * T * (TINY["n_embd"] // TINY["n_head"]) * 8  # float64
+    print(f"PASS  cache bytes: gpt {nbytes['gpt']}, resformer {nbytes['resformer']}, svformer {nbytes['svformer']}")
+    assert nbytes["gpt"] == nbytes["resformer"] == 2 * L * one_tensor
+    assert nbytes["svformer"] == (L + 1) * one_tensor
+    assert nbytes["svformer"] * 2 * L == nbytes["gpt"] * (L + 1)  # (L+1)/(2L) of the baseline's
+
+
+@pytest.mark.parametrize("name", ["resformer", "svformer"])
+def test_resformer_decode_reuses_first_layer_values_of_the_current_tokens(name):
+    """Decode one token at a time over a long prompt: every step's V_1 must be the new token's."""
+    model = perturb(make_model(name, value_residual="learnable") if name == "resformer" else make_model(name))
+    idx = tokens()
+    with torch.no_grad():
+        full, _ = model(idx)
+        stepped = decode_logits(model, idx, steps=(1,) * (idx.size(1) - 1))
+    check(f"{name}: token-by-token decode == full forward", stepped, full, 1e-10)
+
 
 
 if __name__ == "__main__":
