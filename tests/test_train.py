@@ -89,7 +89,7 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
     (["--n_embd=30", "--n_head=4"], "n_embd=30 must be divisible by n_head=4"),
     (["--block_size=10000000"], "fewer than block_size"),
     (["--n_layre=3"], "unknown option '--n_layre=3'"),
-    (["--dca_k=2"], "--model=dca"),
+    (["--value_residual=learnable"], "--model=resformer"),
     (["--model=nope"], "unknown --model=nope"),
     (["--n_layer=three"], "invalid int value"),
     (["--init_from=resume", "--out_dir=/nonexistent/x"], "does not exist"),
