@@ -224,6 +224,19 @@ def to_cpu(obj):
     return obj
 
 
+def to_device(model, device):
+    """model.to(device), keeping shared parameters (tied embeddings) shared: moving to XLA
+    makes a new Parameter in every module that holds one, which would untie them."""
+    holders = [(module, name, p) for module in model.modules() for name, p in module.named_parameters(recurse=False)]
+    model.to(device)
+    moved = {}
+    for module, name, p in holders:
+        if id(p) in moved:
+            setattr(module, name, moved[id(p)])
+        else:
+            moved[id(p)] = getattr(module, name)
+
+
 def format_time(seconds):
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 \
         else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
@@ -314,7 +327,7 @@ def main(argv=None):
     val_data = Batches(os.path.join(data_folder, "val.bin"), model_config.block_size, 0)
     val_offsets = val_data.draw(c.eval_iters * c.batch_size).view(c.eval_iters, c.batch_size)
 
-    model.to(device)
+    to_device(model, device)
     optimizer = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device.type)
     step, best_val = 0, float("inf")
     if checkpoint is not None:
@@ -327,9 +340,16 @@ def main(argv=None):
             print(f"resuming from {ckpt_path} at step {step}")
         del checkpoint
     raw_model = model
+    if is_xla:
+        # lr goes in as a tensor (below); Adam takes one only with capturable=True (its step
+        # count on the device too), else it reads lr back to the host inside the step
+        for group in optimizer.param_groups:
+            group["capturable"] = True
+        for state in optimizer.state.values():
+            state["step"] = state["step"].to(device)
 
-    use_compile = str2bool(c.compile) if c.compile != "auto" else device.type == "cuda"
-    if use_compile and not is_xla:
+    use_compile = (str2bool(c.compile) if c.compile != "auto" else device.type == "cuda") and not is_xla
+    if use_compile:
         model = torch.compile(model)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
@@ -358,25 +378,44 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         return total
 
+    if is_xla:
+        import torch_xla
+        import torch_xla.debug.metrics
+        # The whole step is one graph, traced and compiled once: no host sync inside it
+        # (full_graph), and 2 graphs in all (the first step also creates Adam's state); the
+        # loop below fails if a later step compiles again, rather than crawl.
+        # lr comes in as data, a (1,) tensor viewed as a scalar in the graph: as a Python float
+        # or a 0-dim tensor, the values 0 (--min_lr=0) and 1 become constants of the graph.
+        xla_step = torch_xla.compile(lambda xs, ys, lr: train_step(xs, ys, lr.view(())),
+                                     full_graph=True, max_different_graphs=2, name="train_step")
+
+        def graphs_compiled():
+            return int(torch_xla.debug.metrics.counter_value("UncachedCompile") or 0)
+
     @torch.no_grad()
     def evaluate():
         model.eval()
-        losses = torch.zeros((), device=device)
+        losses = torch.zeros(1).to(device)  # data, not a constant (as 0-dim would be): one XLA graph
         for i in range(rank, c.eval_iters, world):
             x, y = val_data.get(val_offsets[i], device)
             with autocast:
                 _, loss = model(x, y)
             losses += loss.float()
+            if is_xla:
+                torch_xla.sync()  # one small graph per batch, the same every time
         if world > 1:
             torch.distributed.all_reduce(losses)
         model.train()
         return losses.item() / c.eval_iters
 
     def checkpoint_state():
-        return to_cpu({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "model_config": gpt.config_to_dict(model_config), "train_config": asdict(c),
-                       "meta": meta, "step": step, "best_val_loss": best_val,
-                       "rng": {"data": train_data.generator.get_state(), "torch": torch.get_rng_state()}})
+        state = to_cpu({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "model_config": gpt.config_to_dict(model_config), "train_config": asdict(c),
+                        "meta": meta, "step": step, "best_val_loss": best_val,
+                        "rng": {"data": train_data.generator.get_state(), "torch": torch.get_rng_state()}})
+        for group in state["optimizer"]["param_groups"] if is_xla else []:  # resumable anywhere
+            group["lr"], group["capturable"] = float(group["lr"]), False
+        return state
 
     if master:
         os.makedirs(c.out_dir, exist_ok=True)
@@ -394,7 +433,14 @@ def main(argv=None):
         xs, ys = zip(*(train_data.get(o, device) for o in offsets))
         lr = learning_rate_at(step, c)
         try:
-            loss = train_step(xs, ys, lr)
+            if is_xla:
+                graphs = graphs_compiled()
+                loss = xla_step(xs, ys, torch.tensor([lr]).to(device))
+                if step >= first_step + 2 and graphs_compiled() > graphs:
+                    raise UserError(f"the XLA training step compiled a new graph at step {step + 1}: it must be "
+                                    f"the same graph every step (PT_XLA_DEBUG_LEVEL=1 shows why it changed)")
+            else:
+                loss = train_step(xs, ys, lr)
         except Exception as e:
             if use_compile and step == first_step:
                 raise UserError(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -420,10 +466,13 @@ def main(argv=None):
                 if not math.isfinite(record["val"]):
                     raise UserError(f"val loss became {record['val']} at step {step}; stopped without saving. "
                                     f"Try a lower --learning_rate")
+            if is_xla:  # graphs compiled so far: constant once the first steps and evals are done
+                record["graphs"] = graphs_compiled()
             if master:
                 eta = (now - t_start) / (step - first_step) * (c.max_iters - step)
                 print(f"step {step} | loss {loss_value:.4f}" + (f" | val {record['val']:.4f}" if "val" in record else "")
-                      + f" | lr {lr:.1e} | {ms:.0f} ms | {record['tok_per_s'] / 1000:.1f}k tok/s | eta {format_time(eta)}",
+                      + f" | lr {lr:.1e} | {ms:.0f} ms | {record['tok_per_s'] / 1000:.1f}k tok/s | eta {format_time(eta)}"
+                      + (f" | {record['graphs']} graphs" if is_xla else ""),
                       flush=True)
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The TPU path of train.py (--device=xla), tested for real on XLA's CPU backend.
+#
+#   tests/xla/run.sh          # from anywhere; ends with "xla: N passed, M failed"
+#
+# torch_xla 2.9.0 needs torch 2.9.0 (a CUDA build, ~7 GB), so it lives in its own venv,
+# .venv-xla at the repository root (override with XLA_VENV), made here if missing (~2 min).
+# Exit status: 0 all passed, or skipped because pip cannot reach torch_xla (no network, or
+# no wheel for this platform); anything else is a failure.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VENV=${XLA_VENV:-.venv-xla}
+PACKAGES=(torch==2.9.0 torch_xla==2.9.0 numpy)  # what train.py, gpt.py and the check import
+
+if ! "$VENV/bin/python" -c "import torch_xla, numpy" 2>/dev/null; then
+    echo "xla: making $VENV with ${PACKAGES[*]}"
+    start=$SECONDS
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    if ! "$VENV/bin/python" -m pip install -q "${PACKAGES[@]}"; then
+        # skip only when the package cannot be had at all; a failed install of a reachable one fails
+        if ! "$VENV/bin/python" -m pip index versions torch_xla 2>/dev/null | grep -q "2\.9\.0"; then
+            echo "xla: SKIPPED: pip cannot reach torch_xla==2.9.0 (no network or no wheel for this platform)"
+            rm -rf "$VENV"
+            exit 0
+        fi
+        echo "xla: pip install failed although torch_xla==2.9.0 is reachable"
+        exit 1
+    fi
+    echo "xla: venv made in $((SECONDS - start)) s"
+fi
+
+PJRT_DEVICE=CPU exec "$VENV/bin/python" tests/xla/check_xla.py
