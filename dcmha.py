@@ -1,0 +1,198 @@
+"""
+DCMHA: Dynamically Composable Multi-Head Attention, the attention of DCFormer.
+Da Xiao, Qingye Meng, Shengping Li, Xingyuan Yuan, "Improving Transformers with Dynamically
+Composable Multi-Head Attention", ICML 2024, arXiv 2405.08553.
+
+In multi-head attention each head's attention matrix is computed and used alone. DCMHA lets
+the heads share: at every (query t, key s) the vector a_ts of the N heads' scores is
+multiplied by an N x N matrix that depends on the query token and on the key token,
+
+    Compose(A)[:, t, s] = a_ts · W_ts,
+    W_ts = I + qw1_tᵀ qw2_t + diag(qdd_t) + kw1_sᵀ kw2_s + diag(kdd_s)   (+ W_b, static),
+
+once on the logits before the softmax ("pre") and once on the probabilities after it
+("post"). The low-rank factors w1, w2 (R x N) and the gates dd (N) are computed from the
+block's normed input x by a small GELU network, separately for the four sets {pre, post} x
+{query-wise, key-wise}. Their initialisation is tiny, so DCMHA starts as plain MHA.
+
+W_ts is never built per (t, s): it is a query part Q_t = I + qw1_tᵀ qw2_t + diag(qdd_t)
+(+ W_b) plus a key part K_s = kw1_sᵀ kw2_s + diag(kdd_s), and each part is applied to the
+scores with one batched N x N matmul per token. Fused attention kernels cannot be used (the
+score tensor must exist to be composed); queries are processed in chunks, so the transient
+(B, chunk, N, S) score tensors bound the memory, and no chunk computes scores for keys that
+its queries cannot see.
+
+Options (the paper's ablations are config values):
+  dc_pre, dc_post              compose the logits / the probabilities
+  dc_query_wise, dc_key_wise   the dynamic weights read at the query / at the key
+  dc_static                    a learned static head-mixing matrix W_b (residual form)
+  dc_rank, dc_hidden(_mult)    R, and C (the hidden width of the weight network, 4N)
+  window, window_pattern       DCFormer++'s alternation of local (sliding window) and
+                               global layers; qk_norm (on by default, as in DCFormer++)
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gpt
+
+
+@dataclass
+class DCMHAConfig(gpt.GPTConfig):
+    model: str = "dcmha"
+    qk_norm: bool = True          # DCFormer++ uses QK-norm
+    dc_pre: bool = True           # compose the logits before the softmax
+    dc_post: bool = True          # compose the probabilities after it
+    dc_query_wise: bool = True    # dynamic weights computed at the query
+    dc_key_wise: bool = True      # dynamic weights computed at the key
+    dc_static: bool = False       # + a static N x N W_b (paper: lower loss, slower)
+    dc_rank: int = 2              # R, rank of each dynamic projection
+    dc_hidden_mult: int = 4       # C = dc_hidden_mult * n_head ...
+    dc_hidden: int = 0            # ... unless C is given here (> 0)
+    query_chunk: int = 128        # queries per chunk of the attention (0 = all at once)
+    window: int = 0               # keys a local layer sees, itself included (0 = all global)
+    window_pattern: str = "LG"    # local (L) / global (G) layers, repeated over the depth
+
+    @property
+    def dc_hidden_dim(self):
+        return self.dc_hidden or self.dc_hidden_mult * self.n_head
+
+    def validate(self):
+        super().validate()
+        if not (self.dc_pre or self.dc_post):
+            raise ValueError("dc_pre and dc_post are both off: nothing left to compose")
+        if not (self.dc_query_wise or self.dc_key_wise or self.dc_static):
+            raise ValueError("dc_query_wise, dc_key_wise and dc_static are all off: nothing to compose with")
+        for name in ("dc_rank", "dc_hidden_mult"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("dc_hidden", "query_chunk", "window"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not self.window_pattern or set(self.window_pattern) - set("LG"):
+            raise ValueError(f"window_pattern={self.window_pattern!r} must be a non-empty string of L and G")
+
+
+def compose(a, query_mix, key_mix):
+    """The paper's Compose (Fig. 2): out[b, t, :, s] = a[b, t, :, s] · W_ts, W_ts = Q_t + K_s.
+    a (B, T, N, S): the scores of a query t are one N x S matrix, so a_ts · Q_t for every s is
+    one matmul; a_ts · K_s for every t is one matmul on the scores laid out by key.
+    query_mix Q (B, T, N, N) or None (= I), key_mix K (B, S, N, N) or None (= 0)."""
+    out = a if query_mix is None else query_mix.mT @ a                              # (B, T, N, S)
+    if key_mix is not None:
+        by_key = a.permute(0, 3, 1, 2).contiguous()                                 # (B, S, T, N)
+        out = out + (by_key @ key_mix).permute(0, 2, 3, 1)                          # (B, T, N, S)
+    return out
+
+
+def mixing_matrix(factors):
+    """factors (..., 2R+1, N) = [w1 (R rows); w2 (R rows); dd] -> w1ᵀ w2 + diag(dd) (..., N, N)."""
+    R = factors.size(-2) // 2
+    w1, w2, dd = factors[..., :R, :], factors[..., R:2 * R, :], factors[..., 2 * R, :]
+    low_rank = (w1[..., :, :, None] * w2[..., :, None, :]).sum(-3)  # sum_i w1[i, n] w2[i, m]
+    return low_rank + torch.diag_embed(dd)
+
+
+class DCMHAttention(gpt.CausalSelfAttention):
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        D, N, R, C = config.n_embd, config.n_head, config.dc_rank, config.dc_hidden_dim
+        self.rank, self.query_chunk = R, config.query_chunk
+        self.stages = [s for s, on in (("pre", config.dc_pre), ("post", config.dc_post)) if on]
+        self.sides = [s for s, on in (("query", config.dc_query_wise), ("key", config.dc_key_wise)) if on]
+        n_sets = len(self.stages) * len(self.sides)  # the paper's 4 = {pre, post} x {query, key}
+        if n_sets:
+            # [w1; w2] = GELU(x W1) W2 and dd = tanh(x Wdd), for each set. The init is the
+            # authors' JAX one, which trained the paper's models (their PyTorch port's Wdd is 10x larger)
+            self.W1 = nn.Parameter(torch.randn(D, n_sets, C) * math.sqrt(2 / (D + C)))
+            self.W2 = nn.Parameter(torch.randn(n_sets, C, 2 * R, N) * math.sqrt(1 / C) * 2 / (N + R) * 0.01)
+            self.Wdd = nn.Parameter(torch.randn(D, n_sets, N) * math.sqrt(2 / (D + N)) * 0.005)
+        if config.dc_static:  # one W_b per stage, used as a + a W_b
+            self.Wb = nn.Parameter(torch.randn(len(self.stages), N, N) * 0.1 / math.sqrt(N))
+        pattern = config.window_pattern
+        if config.window and pattern[layer_idx % len(pattern)] == "L":
+            self.window = config.window
+
+    def dynamic_factors(self, x):
+        """x (B, T, D) -> (B, T, stages, sides, 2R+1, N): [w1; w2; dd] of every set at every token."""
+        B, T, _ = x.shape
+        n_sets, C, _, N = self.W2.shape
+        R = self.rank
+        hidden = F.gelu(x @ self.W1.flatten(1), approximate="tanh")  # jax.nn.gelu, as the authors'
+        hidden = hidden.view(B, T, n_sets, C)                                       # (B, T, sets, C)
+        w = torch.einsum("btkc,kcrn->btkrn", hidden, self.W2)                       # (B, T, sets, 2R, N)
+        w1 = F.rms_norm(w[:, :, :, :R], (N,), eps=1e-6)  # only w1 is normalised, over the heads
+        dd = torch.tanh(x @ self.Wdd.flatten(1)).view(B, T, n_sets, 1, N)          # (B, T, sets, 1, N)
+        factors = torch.cat([w1, w[:, :, :, R:], dd], dim=3)                        # (B, T, sets, 2R+1, N)
+        return factors.view(B, T, len(self.stages), len(self.sides), 2 * R + 1, N)
+
+    def mixing_matrices(self, x, ctx):
+        """Per stage, the query part Q_t (B, T, N, N) or None (= I) and the key part K_s
+        (B, S, N, N) or None of W_ts. When decoding, the key factors of all S cached keys
+        come from the cache."""
+        factors = self.dynamic_factors(x) if self.sides else None
+        key_factors = None
+        if "key" in self.sides:
+            key_factors = factors[:, :, :, -1]                                      # (B, T, stages, 2R+1, N)
+            if ctx.cache is not None:
+                key_factors = ctx.cache.append(self.layer_idx, "dc_key_factors", key_factors, dim=1)  # (B, S, ...)
+        mixes = []
+        for i in range(len(self.stages)):
+            query_mix = key_mix = None
+            if "query" in self.sides:
+                query_mix = mixing_matrix(factors[:, :, i, 0])                      # (B, T, N, N)
+            if hasattr(self, "Wb"):
+                query_mix = self.Wb[i] if query_mix is None else query_mix + self.Wb[i]
+            if query_mix is not None:  # the identity of W_ts rides on the query part
+                query_mix = query_mix + torch.eye(query_mix.size(-1), dtype=x.dtype, device=x.device)
+                query_mix = query_mix.expand(x.size(0), x.size(1), -1, -1)  # (B, T, N, N), also a lone W_b
+            if key_factors is not None:
+                key_mix = mixing_matrix(key_factors[:, :, i])                       # (B, S, N, N)
+            mixes.append((query_mix, key_mix))
+        return dict(zip(self.stages, mixes))
+
+    def attend(self, q, k, v, x, ctx):
+        """q (B, N, T, hd), k and v (B, N, S, hd) with the cache; x (B, T, D) the block's normed
+        input, which the dynamic weights are computed from."""
+        T, S = q.size(2), k.size(2)
+        mixes = self.mixing_matrices(x, ctx)
+        q = q * self.head_dim ** -0.5  # scale q, not the scores: Compose is linear
+        start = S - T  # position of the first query; the keys are positions 0 .. S-1
+        chunk = self.query_chunk or T
+        out = []
+        for t0 in range(0, T, chunk):  # a fixed number of chunks: fine for torch.compile and XLA
+            t1 = min(t0 + chunk, T)
+            s0 = 0 if self.window is None else max(0, start + t0 - self.window + 1)
+            s1 = start + t1  # keys after the chunk's last query are never seen
+            mask = gpt.causal_mask(t1 - t0, s1 - s0, start + t0 - s0, self.window, q.device)  # (Tc, Sc)
+            chunk_mixes = {stage: (None if qm is None else qm[:, t0:t1], None if km is None else km[:, s0:s1])
+                           for stage, (qm, km) in mixes.items()}
+            out.append(self.attend_chunk(q[:, :, t0:t1], k[:, :, s0:s1], v[:, :, s0:s1], mask, chunk_mixes))
+        return torch.cat(out, dim=2)                                                # (B, N, T, hd)
+
+    def attend_chunk(self, q, k, v, mask, mixes):
+        """In this order: logits, compose, mask, softmax (in float32 or wider), compose, @ v."""
+        logits = (q @ k.mT).transpose(1, 2)                                         # (B, Tc, N, Sc)
+        if "pre" in mixes:
+            logits = compose(logits, *mixes["pre"])
+        logits = logits.masked_fill(~mask[:, None], float("-inf"))  # after compose: -inf would mix into NaN
+        probs = F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
+        if "post" in mixes:
+            # no renormalisation; compose mixes heads, never positions, so the masked
+            # probabilities (exact zeros) stay exact zeros and need no second mask
+            probs = compose(probs, *mixes["post"])
+        return probs.transpose(1, 2) @ v                                            # (B, N, Tc, hd)
+
+
+class DCFormer(gpt.GPT):
+    config_class = DCMHAConfig
+
+    def make_block(self, config, layer_idx):
+        return gpt.Block(config, layer_idx, attn_class=DCMHAttention)
+
+
+gpt.MODELS["dcmha"] = (DCMHAConfig, DCFormer)
