@@ -84,7 +84,7 @@ def compose(a, query_mix, key_mix):
     query_mix Q (B, T, N, N) or None (= I), key_mix K (B, S, N, N) or None (= 0)."""
     out = a if query_mix is None else query_mix.mT @ a                              # (B, T, N, S)
     if key_mix is not None:
-        by_key = a.permute(0, 3, 1, 2).contiguous()                                 # (B, S, T, N)
+        by_key = a.permute(0, 3, 1, 2).contiguous()                                 # (B, S, T, N), a copy
         out = out + (by_key @ key_mix).permute(0, 2, 3, 1)                          # (B, T, N, S)
     return out
 
