@@ -13,7 +13,7 @@ cross-attention"). The weighted sum is a GRN ("generalized residual network", se
     GRN-v3  g = sum_i s_i ⊙ (b_i + relu(w·n(s_i)))
             b_i in R^d init 1; one w in R^d per GRN, init 0; n = LayerNorm on the gate input
 
-DCA block t (Fig. 4):
+DCA block t (the paper's Figs. 3-4):
     q_in, k_in, v_in = GRN_q(S_t), GRN_k(S_t), GRN_v(S_t)
     a   = attention(Norm_q(q_in), keys from Norm_k(k_in), values from Norm_v(v_in))
     f_t = a + MLP(Norm_m(q_in + a))                          pushed onto the stack
@@ -32,6 +32,13 @@ Options (the paper's ablations):
   grn_norm       the LayerNorm n on GRN-v3's gate input (on by default, see the spec)
   grn_relu_bias  relu(b + w·n(s)) (the appendix's reading) instead of b + relu(w·n(s)) (the
                  formula, default)
+
+Efficiency. The stack is a Python list: an entry is made once and read in place by every
+later GRN, never copied into an (m, B, T, d) tensor. The weighted sums are StackSum, whose
+hand-written backward keeps no (B, T, d) tensor per (GRN, entry) pair (autograd would: O(L^2)
+memory). All the gates of an entry, for every GRN that will read it, are one projection of its
+LayerNorm made once (the norm's affine part folds into w). k-DCA keeps its sum slot as a
+running sum, so its cost is O(L k).
 
 On relu at 0. w starts at exactly 0, so w·n(s) = 0 for every token. torch.relu (and
 jax.nn.relu) take the derivative 0 at 0, so with the formula's placement w would get NO
@@ -131,11 +138,10 @@ class StackSum(torch.autograd.Function):
 
 
 class GRN(nn.Module):
-    """n_out independent GRNs over the same stack of n_entries entries (sec. 3).
-
-    They are one module so that they can share the work: the gate inputs of all of them are
-    one (d -> n_out) projection per entry, and one StackSum. Each GRN j still has its own
-    b[j], w[j] and gate norm (norm_weight[j], norm_bias[j])."""
+    """n_out independent GRNs over the same stack of n_entries entries (sec. 3): a block's
+    three (q, k, v), or the final one. Each GRN j has its own b[j], w[j] and gate norm
+    (norm_weight[j], norm_bias[j]); they are one module only so that they share the work —
+    one StackSum, and their gates come in one projection per entry (DCA.residual_stream)."""
 
     def __init__(self, config, n_entries, n_out):
         super().__init__()
@@ -154,8 +160,8 @@ class GRN(nn.Module):
         """(weight, bias) with w·n(s) = weight @ n̂(s) + bias for each of the n_out GRNs.
 
         n(s) = γ ⊙ n̂(s) + β is a LayerNorm; n̂(s), the part without the affine scale and bias,
-        is the same for every GRN that reads s, so it is computed once per entry
-        (DCA.entry_gates). Each GRN's own γ and β fold into its w, exactly:
+        is the same for every GRN that reads s, so it is computed once per entry (in
+        DCA.residual_stream). Each GRN's own γ and β fold into its w, exactly:
             w·(γ ⊙ n̂(s) + β) = (w ⊙ γ)·n̂(s) + w·β"""
         if self.gate_norm:
             return self.w * self.norm_weight, (self.w * self.norm_bias).sum(-1)  # (n_out, d), (n_out,)
@@ -178,7 +184,7 @@ class GRN(nn.Module):
 
 
 class DCABlock(nn.Module):
-    """Fig. 4: three GRNs read the stack for q, k and v; the block returns its own output f_t."""
+    """Three GRNs read the stack for q, k and v; the block returns its own output f_t."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -217,8 +223,7 @@ class DCA(gpt.GPT):
         """Run the blocks on the stack [e, f_1, ...]; return the final GRN's output."""
         L, k = self.config.n_layer, self.config.dca_k
         readers = [block.grn for block in self.blocks] + [self.grn_f]     # GRN modules 0..L
-        if self.config.grn == "v3":
-            projections = [grn.gate_projection() for grn in readers]
+        projections = [grn.gate_projection() for grn in readers] if self.config.grn == "v3" else None
 
         def entry(s, first, last):
             """Stack entry s, read by the GRN modules first..last: (s, their gates, first).

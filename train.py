@@ -37,7 +37,7 @@ class TrainConfig:
     batch_size: int = 16
     gradient_accumulation_steps: int = 1  # across all processes; divided among DDP ranks
     # schedule
-    max_iters: int = 2500
+    max_iters: int = 1500
     lr_decay_iters: int = 0       # length of the decay; 0 = max_iters
     learning_rate: float = 2e-3
     min_lr: float = 2e-4
@@ -48,7 +48,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0        # 0 = off
     # evaluation, logging, checkpoints
-    eval_interval: int = 500
+    eval_interval: int = 250
     eval_iters: int = 20
     log_interval: int = 50
     always_save_checkpoint: bool = True  # else only when val improves
