@@ -3,7 +3,8 @@ Speed and memory of every model at one shape, side by side, as ratios to the bas
 
     python bench.py                                    # all registered models, CPU or CUDA
     python bench.py --models=gpt,dca,dca:dca_k=2 --n_layer=12
-    python bench.py --json                             # what the README's tables are made from
+    python bench.py --json                             # machine-readable
+    python bench.py --markdown                         # the README's tables
 
 Timing: forward + backward of one batch, all models in ONE process, interleaved (model A,
 B, C, A, B, C, ...) so that a slow moment of the machine hits every model alike; the median
@@ -38,7 +39,10 @@ def parse_spec(spec):
         if key not in types:
             sys.exit(f"error: {spec}: model {name} has no option {key!r}")
         kind = types[key]
-        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        try:
+            overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            sys.exit(f"error: {spec}: {key}={value!r} is not a valid {kind.__name__}")
     return name, overrides
 
 
@@ -48,7 +52,10 @@ def build(spec, args, device):
                  n_head=args.n_head, n_embd=args.n_embd)
     config_class, model_class = gpt.all_models()[name]
     torch.manual_seed(0)
-    model = model_class(config_class(**{**shape, "model": name, **overrides})).to(device)
+    try:
+        model = model_class(config_class(**{**shape, "model": name, **overrides})).to(device)
+    except ValueError as e:
+        sys.exit(f"error: {spec}: {e}")
     return torch.compile(model) if args.compile else model, model.num_params()
 
 
@@ -98,6 +105,7 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown (for the README)")
     parser.add_argument("--memory_probe", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
@@ -146,8 +154,15 @@ def main():
         print(json.dumps(rows, indent=1))
         return
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{where} | batch {args.batch_size} x {args.block_size} tokens | n_layer {args.n_layer} n_head {args.n_head} "
-          f"n_embd {args.n_embd} | fwd+bwd, median of {args.repeats}{' | compiled' if args.compile else ''}")
+    title = (f"{where} | batch {args.batch_size} x {args.block_size} tokens | n_layer {args.n_layer} n_head {args.n_head} "
+             f"n_embd {args.n_embd} | fwd+bwd, median of {args.repeats}{' | compiled' if args.compile else ''}")
+    if args.markdown:
+        print(f"{title}\n\n| model | params | ms/step | tokens/s | peak mem MB | × gpt time | × gpt mem |\n|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| `{r['model']}` | {r['params']:,} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,} | "
+                  f"{r['peak_mem_mb']:.0f} | {r['ratio_to_gpt']:.2f} | {r['mem_ratio_to_gpt']:.2f} |")
+        return
+    print(title)
     print(f"{'model':<28} {'params':>10} {'ms/step':>9} {'tok/s':>9} {'mem MB':>8} {'× gpt':>7} {'mem × gpt':>9}")
     for r in rows:
         print(f"{r['model']:<28} {r['params']:>10,} {r['ms_per_step']:>9.1f} {r['tokens_per_s']:>9,} "

@@ -1,0 +1,39 @@
+"""bench.py: runs every kind of spec at a tiny shape and prints what the README's tables need."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--repeats=2", "--warmup=1"]
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, str(ROOT / "bench.py"), *TINY, *args],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_bench_json_has_every_key_and_ratio_to_gpt():
+    out = bench("--models=dca:dca_k=1;grn=v2,resformer:value_residual=learnable", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["model"] for r in rows] == ["gpt", "dca:dca_k=1;grn=v2", "resformer:value_residual=learnable"]
+    for r in rows:
+        assert set(r) == {"model", "params", "ms_per_step", "tokens_per_s", "peak_mem_mb", "ratio_to_gpt", "mem_ratio_to_gpt"}
+        assert r["params"] > 0 and r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
+    assert rows[0]["ratio_to_gpt"] == 1.0 and rows[0]["mem_ratio_to_gpt"] == 1.0
+    assert rows[1]["params"] > rows[0]["params"]  # the GRNs
+
+
+def test_bench_markdown_has_one_row_per_model():
+    out = bench("--models=gpt,svformer", "--markdown")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == ["gpt", "svformer"]
+
+
+def test_bench_bad_spec_is_a_one_line_error():
+    for spec, words in [("gtp", "unknown model"), ("dca:dca_kk=2", "no option"), ("dca:dca_k=two", "not a valid int"), ("dca:grn=v4", "grn=")]:
+        out = bench(f"--models={spec}")
+        assert out.returncode != 0 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
