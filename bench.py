@@ -27,7 +27,7 @@ import gpt
 
 
 def parse_spec(spec):
-    """'dca:dca_k=2,grn=v2' -> ('dca', {'dca_k': 2, 'grn': 'v2'}) typed by the config's fields."""
+    """'dca:dca_k=2;grn=v2' -> ('dca', {'dca_k': 2, 'grn': 'v2'}) typed by the config's fields."""
     name, _, rest = spec.partition(":")
     models = gpt.all_models()
     if name not in models:
