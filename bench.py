@@ -24,6 +24,7 @@ from dataclasses import fields
 import torch
 
 import gpt
+from train import str2bool  # the flag parser's own reading of true / false
 
 
 def parse_spec(spec):
@@ -40,8 +41,8 @@ def parse_spec(spec):
             sys.exit(f"error: {spec}: model {name} has no option {key!r}")
         kind = types[key]
         try:
-            overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-        except ValueError:
+            overrides[key] = (str2bool if kind is bool else kind)(value)
+        except (ValueError, argparse.ArgumentTypeError):
             sys.exit(f"error: {spec}: {key}={value!r} is not a valid {kind.__name__}")
     return name, overrides
 

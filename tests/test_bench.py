@@ -34,6 +34,7 @@ def test_bench_markdown_has_one_row_per_model():
 
 
 def test_bench_bad_spec_is_a_one_line_error():
-    for spec, words in [("gtp", "unknown model"), ("dca:dca_kk=2", "no option"), ("dca:dca_k=two", "not a valid int"), ("dca:grn=v4", "grn=")]:
+    for spec, words in [("gtp", "unknown model"), ("dca:dca_kk=2", "no option"), ("dca:dca_k=two", "not a valid int"), ("dca:grn=v4", "grn="),
+                        ("dca:dca_qkv=flase", "not a valid bool")]:
         out = bench(f"--models={spec}")
         assert out.returncode != 0 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
