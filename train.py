@@ -486,6 +486,9 @@ def main(argv=None):
               f"checkpoint {ckpt_path}")
         log_file.close()
     if world > 1:
+        # wait for rank 0's last checkpoint before tearing down: a rank that destroys its gloo
+        # group while a peer is still busy can abort ("terminate called without an active exception")
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
