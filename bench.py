@@ -24,7 +24,7 @@ from dataclasses import fields
 import torch
 
 import gpt
-from train import str2bool  # the flag parser's own reading of true / false
+from train import device_name, peak_flops, str2bool  # the flag parser's reading of true / false
 
 
 def parse_spec(spec):
@@ -57,7 +57,7 @@ def build(spec, args, device):
         model = model_class(config_class(**{**shape, "model": name, **overrides})).to(device)
     except ValueError as e:
         sys.exit(f"error: {spec}: {e}")
-    return torch.compile(model) if args.compile else model, model.num_params()
+    return torch.compile(model) if args.compile else model, model.num_params(), model.flops_per_token()
 
 
 def make_step(model, args, device):
@@ -85,7 +85,7 @@ def memory_probe(spec, args):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (high-water mark) to the current RSS
     before = rss_mb("VmRSS")
-    model, _ = build(spec, args, device)
+    model, _, _ = build(spec, args, device)
     step = make_step(model, args, device)
     step()
     step()
@@ -105,23 +105,34 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--peak_flops", type=float, default=0.0, help="peak FLOP/s for MFU (default: by device name)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown (for the README)")
     parser.add_argument("--memory_probe", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--warm_cache", action="store_true",
+                        help="only compile the given models and run their warm-up steps, timing nothing: fills "
+                             "inductor's on-disk cache, so that a later timed run (alone) compiles in seconds")
     args = parser.parse_args()
     if args.memory_probe:
         return memory_probe(args.memory_probe, args)
 
     specs = args.models.split(",") if args.models else list(gpt.all_models())
-    if "gpt" not in specs:
+    if "gpt" not in specs and not args.warm_cache:
         specs.insert(0, "gpt")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.warm_cache:
+        for spec in specs:
+            model, _, _ = build(spec, args, device)
+            step = make_step(model, args, device)
+            for _ in range(max(args.warmup, 1)):
+                step()
+        return
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     runs = {}
     for spec in specs:
-        model, n_params = build(spec, args, device)
-        runs[spec] = {"params": n_params, "step": make_step(model, args, device), "times": []}
+        model, n_params, flops = build(spec, args, device)
+        runs[spec] = {"params": n_params, "flops_per_token": flops, "step": make_step(model, args, device), "times": []}
         for _ in range(args.warmup):  # also compiles, with --compile
             runs[spec]["step"]()
     for _ in range(args.repeats):  # interleaved: every model sees the same machine state
@@ -144,29 +155,36 @@ def main():
 
     base_ms = statistics.median(runs["gpt"]["times"]) * 1000
     base_mem = runs["gpt"]["mem"]
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    peak = peak_flops(device_name(device), dtype, args.peak_flops)
     rows = []
     for spec, run in runs.items():
         ms = statistics.median(run["times"]) * 1000
+        tokens_per_s = args.batch_size * args.block_size / (ms / 1000)
         rows.append({"model": spec, "params": run["params"], "ms_per_step": round(ms, 2),
-                     "tokens_per_s": round(args.batch_size * args.block_size / (ms / 1000)),
+                     "tokens_per_s": round(tokens_per_s), "flops_per_token": run["flops_per_token"],
+                     "mfu": None if peak is None else round(run["flops_per_token"] * tokens_per_s / peak, 4),
                      "peak_mem_mb": round(run["mem"], 1), "ratio_to_gpt": round(ms / base_ms, 3),
                      "mem_ratio_to_gpt": round(run["mem"] / base_mem, 3)})
     if args.json:
         print(json.dumps(rows, indent=1))
         return
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    title = (f"{where} | batch {args.batch_size} x {args.block_size} tokens | n_layer {args.n_layer} n_head {args.n_head} "
-             f"n_embd {args.n_embd} | fwd+bwd, median of {args.repeats}{' | compiled' if args.compile else ''}")
+    title = (f"{where} | {dtype} | batch {args.batch_size} x {args.block_size} tokens | n_layer {args.n_layer} "
+             f"n_head {args.n_head} n_embd {args.n_embd} vocab {args.vocab_size} | fwd+bwd, median of {args.repeats}"
+             f"{' | compiled' if args.compile else ''} | torch {torch.__version__}")
+    mfu = lambda r: "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"  # noqa: E731
     if args.markdown:
-        print(f"{title}\n\n| model | params | ms/step | tokens/s | peak mem MB | × gpt time | × gpt mem |\n|---|---:|---:|---:|---:|---:|---:|")
+        print(f"{title}\n\n| model | params | ms/step | tokens/s | MFU (approx.) | peak mem MB | × gpt time | × gpt mem |"
+              f"\n|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
-            print(f"| `{r['model']}` | {r['params']:,} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,} | "
+            print(f"| `{r['model']}` | {r['params']:,} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,} | {mfu(r)} | "
                   f"{r['peak_mem_mb']:.0f} | {r['ratio_to_gpt']:.2f} | {r['mem_ratio_to_gpt']:.2f} |")
         return
     print(title)
-    print(f"{'model':<28} {'params':>10} {'ms/step':>9} {'tok/s':>9} {'mem MB':>8} {'× gpt':>7} {'mem × gpt':>9}")
+    print(f"{'model':<28} {'params':>11} {'ms/step':>9} {'tok/s':>9} {'MFU':>6} {'mem MB':>8} {'× gpt':>7} {'mem × gpt':>9}")
     for r in rows:
-        print(f"{r['model']:<28} {r['params']:>10,} {r['ms_per_step']:>9.1f} {r['tokens_per_s']:>9,} "
+        print(f"{r['model']:<28} {r['params']:>11,} {r['ms_per_step']:>9.1f} {r['tokens_per_s']:>9,} {mfu(r):>6} "
               f"{r['peak_mem_mb']:>8.0f} {r['ratio_to_gpt']:>7.3f} {r['mem_ratio_to_gpt']:>9.3f}")
 
 

@@ -137,6 +137,21 @@ class StackSum(torch.autograd.Function):
         return torch.add(b[j, i], r[i, ..., j:j + 1], out=out)        # (B, T, d)
 
 
+def stack_sum(b, r, stack):
+    """StackSum when a backward may follow; plain sums under torch.no_grad (evaluation,
+    sampling), where there is no backward to save memory for. The two compute the same
+    numbers; the plain path also keeps torch.compile of torch <= 2.11 working, whose
+    Dynamo fails on a custom autograd.Function under no_grad ('Parameter' object has no
+    attribute 'save_for_backward', seen on CUDA with torch 2.11)."""
+    if torch.is_grad_enabled():
+        return StackSum.apply(b, r, *stack)
+    outs = []
+    for j in range(b.size(0)):
+        terms = [s * (b[j, i] if r is None else b[j, i] + r[i, ..., j:j + 1]) for i, s in enumerate(stack)]
+        outs.append(sum(terms[1:], terms[0]))
+    return tuple(outs)
+
+
 class GRN(nn.Module):
     """n_out independent GRNs over the same stack of n_entries entries (sec. 3): a block's
     three (q, k, v), or the final one. Each GRN j has its own b[j], w[j] and gate norm
@@ -172,10 +187,10 @@ class GRN(nn.Module):
         w·n(s_i) for these n_out GRNs (B, T, n_out). Returns n_out tensors (B, T, d)."""
         entries = [s for s, _ in stack]
         if self.version != "v3":                                     # v1, v2: sum_i b_i s_i
-            return StackSum.apply(self.b, None, *entries)
+            return stack_sum(self.b, None, entries)
         z = torch.stack([z for _, z in stack])                       # (m, B, T, n_out)
         if not self.relu_bias:                                       # sum_i s_i ⊙ (b_i + relu(z_i))
-            return StackSum.apply(self.b, gate_relu(z), *entries)
+            return stack_sum(self.b, gate_relu(z), entries)
         outs = []                                                    # sum_i s_i ⊙ relu(b_i + z_i)
         for j in range(self.b.size(0)):                              # (plain autograd: an ablation)
             terms = [s * gate_relu(self.b[j, i] + z[i, ..., j:j + 1]) for i, s in enumerate(entries)]
@@ -250,6 +265,21 @@ class DCA(gpt.GPT):
                 return reader(inputs)[0]
             f = self.blocks[l](inputs, ctx)                                    # (B, T, d)
             stack.append(entry(f, l + 1, L if k == 0 else min(l + k, L)))
+
+    def extra_flops_per_token(self, seq_len):
+        """Every GRN j over its m entries: the weighted sum, 2 FLOPs per entry element (3 with
+        GRN-v3's b + relu(gate)), and GRN-v3's gate w·n(s), 2d per (GRN, entry); k-DCA's
+        running sum, d per layer past k. (The extra norms, like all norms, are not counted.)"""
+        c, d = self.config, self.config.n_embd
+        per_element = 3 if c.grn == "v3" else 2
+        readers = [block.grn for block in self.blocks] + [self.grn_f]
+        total = 0
+        for grn in readers:
+            n_out, m = grn.b.shape[:2]
+            total += n_out * m * d * per_element + (n_out * m * 2 * d if c.grn == "v3" else 0)
+        if c.dca_k:
+            total += d * max(0, c.n_layer - c.dca_k)
+        return total
 
     def no_decay_param_names(self):
         # GRN parameters get no weight decay (the paper does not say): decay would pull b

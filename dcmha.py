@@ -194,5 +194,17 @@ class DCFormer(gpt.GPT):
     def make_block(self, config, layer_idx):
         return gpt.Block(config, layer_idx, attn_class=DCMHAttention)
 
+    def extra_flops_per_token(self, seq_len):
+        """Per layer: the weight network (x W1, its W2, x Wdd) and, per composed stage, one
+        N x N matmul over the T scores of the query (a Q_t) and one at the key (a K_s)."""
+        c, N, T = self.config, self.config.n_head, seq_len
+        total = 0
+        for block in self.blocks:
+            attn = block.attn
+            weights = sum(getattr(attn, w).numel() for w in ("W1", "W2", "Wdd") if hasattr(attn, w))
+            composes = len(attn.stages) * (("query" in attn.sides or c.dc_static) + ("key" in attn.sides))
+            total += 2 * weights + composes * 2 * N * N * T
+        return total
+
 
 gpt.MODELS["dcmha"] = (DCMHAConfig, DCFormer)

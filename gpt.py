@@ -169,11 +169,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, hidden=None):
         super().__init__()
         d = config.n_embd
         self.swiglu = config.mlp == "swiglu"
-        hidden = (8 * d // 3 + 63) // 64 * 64 if self.swiglu else 4 * d
+        if hidden is None:  # a variant may give its own width (MUDDFormer's re-allocation)
+            hidden = MLP.default_hidden(config)
         self.c_fc = nn.Linear(d, 2 * hidden if self.swiglu else hidden, bias=False)
         self.c_proj = nn.Linear(hidden, d, bias=False)
 
@@ -185,6 +186,12 @@ class MLP(nn.Module):
         else:
             h = F.gelu(h)
         return self.c_proj(h)
+
+    @staticmethod
+    def default_hidden(config):
+        """SwiGLU: ~8/3 d rounded up to a multiple of 64 (as many weights as 4 d with GELU)."""
+        d = config.n_embd
+        return (8 * d // 3 + 63) // 64 * 64 if config.mlp == "swiglu" else 4 * d
 
 
 class Block(nn.Module):
@@ -236,6 +243,22 @@ class GPT(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token, forward + backward (= 3 x the forward), counted the usual
+        way (PaLM's appendix B, nanoGPT's estimate_mfu): 2 per weight of every matmul (the
+        lm_head too; the embedding is a lookup), plus attention's Q Kᵀ and A V over all T keys,
+        2·2·T·d per layer (the causal half is not subtracted, by convention), plus what a
+        variant adds (extra_flops_per_token). Norms and activations are not counted."""
+        T = seq_len or self.config.block_size
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attention = 4 * self.config.n_layer * self.config.n_embd * T
+        return 3 * (2 * matmul_weights + attention + self.extra_flops_per_token(T))
+
+    def extra_flops_per_token(self, seq_len):
+        """A variant's forward FLOPs per token beyond its nn.Linear matmuls and the attention
+        scores: its own weights that are not nn.Linear, its mixing and composing."""
+        return 0
 
     def residual_stream(self, x, ctx):
         """(B, T, d) embeddings -> (B, T, d) last hidden state, before the final norm."""
@@ -307,7 +330,7 @@ class GPT(nn.Module):
 # the registry: name -> (config class, model class). Variant files add themselves on import.
 
 MODELS = {"gpt": (GPTConfig, GPT)}
-VARIANT_MODULES = ["resformer", "dcmha", "dca"]
+VARIANT_MODULES = ["resformer", "dcmha", "dca", "muddformer", "attnres"]
 
 
 def all_models():

@@ -124,10 +124,17 @@ class ResFormer(gpt.GPT):
     def make_block(self, config, layer_idx):
         return gpt.Block(config, layer_idx, attn_class=self.attention_class)
 
+    def extra_flops_per_token(self, seq_len):
+        # V_n' = λ1 V_1 + λ2 V_n: 3 FLOPs per value element in each mixing layer
+        return 3 * self.config.n_embd * sum(block.attn.mixes for block in self.blocks)
+
 
 class SVFormer(ResFormer):
     config_class = SVFormerConfig
     attention_class = SVFormerAttention
+
+    def extra_flops_per_token(self, seq_len):
+        return 0  # nothing mixed: layers n >= 2 simply have no W_V (fewer nn.Linear weights)
 
 
 gpt.MODELS["resformer"] = (ResFormerConfig, ResFormer)

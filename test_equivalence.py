@@ -8,9 +8,12 @@ The shared checks run over every registered model (and the extra settings in CAS
 causality, KV-cache decode == full forward, every parameter gets a gradient, and
 torch.compile == eager. Then each paper's own checks follow, one section per file.
 Exact claims are checked in float64.
+
+    EQUIV_DEVICE=cuda python -m pytest test_equivalence.py    # the same checks on a GPU
 """
 
 import math
+import os
 import sys
 
 import pytest
@@ -18,6 +21,12 @@ import torch
 import torch.nn.functional as F
 
 import gpt
+
+# Every tensor and model of the checks is made on DEVICE (random numbers too: the generators
+# live there), so the whole suite runs unchanged on a GPU.
+DEVICE = os.environ.get("EQUIV_DEVICE", "cpu")
+if DEVICE != "cpu":
+    torch.set_default_device(DEVICE)
 
 MODELS = gpt.all_models()
 import dca  # noqa: E402  (registered by all_models; their sections use their classes)
@@ -71,7 +80,7 @@ def make_model(name, dtype=torch.float64, seed=0, **overrides):
 def perturb(model, scale=0.05, seed=1):
     """Move every parameter away from its init, so that no check passes because of a zero
     (a zero gate, a zero dynamic weight, a ReLU sitting at 0)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(DEVICE).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
@@ -93,7 +102,7 @@ def copy_weights(src, dst):
 
 
 def tokens(B=2, T=TINY["block_size"], seed=0, vocab=TINY["vocab_size"]):
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator(DEVICE).manual_seed(seed))
 
 
 def check(label, actual, expected, atol):
@@ -182,6 +191,24 @@ def test_compile_equals_eager(name):
     logits, loss = compiled(idx, targets)
     check(f"{name}: torch.compile == eager (float32)", logits, eager_logits, 1e-4)
     check(f"{name}: torch.compile loss == eager loss", loss, eager_loss, 1e-5)
+
+
+BF16_TOLERANCE = 3e-2  # ‖logits_bf16 - logits_fp32‖ / ‖logits_fp32‖; bf16 keeps 8 bits of mantissa
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bf16_autocast_stays_close_to_float32(name):
+    """The training path on a GPU: the same weights under bf16 autocast (as train.py runs them)
+    give logits within a few bf16 roundings of float32, and a finite loss close to it."""
+    model = perturb(make_model(name, dtype=torch.float32))
+    idx = tokens()
+    targets = torch.roll(idx, -1, dims=1)
+    ref_logits, ref_loss = model(idx, targets)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        logits, loss = model(idx, targets)
+    rel = ((logits.float() - ref_logits).norm() / ref_logits.norm()).reshape(1)
+    check(f"{name}: bf16 autocast vs float32, relative logits error", rel, torch.zeros(1), BF16_TOLERANCE)
+    check(f"{name}: bf16 autocast vs float32, loss", loss.float(), ref_loss, 2e-2)
 
 
 # -----------------------------------------------------------------------------
@@ -291,7 +318,7 @@ def test_resformer_decode_reuses_first_layer_values_of_the_current_tokens(name):
 
 def attn_inputs(attn, B=2, T=12, seed=0):
     """Random q, k, v (B, N, T, hd) and a normed block input x (B, T, D) for one attention layer."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(DEVICE).manual_seed(seed)
     N, hd, D = attn.n_head, attn.head_dim, attn.c_q.in_features
     q, k, v = (torch.randn(B, N, T, hd, generator=g, dtype=torch.float64) for _ in range(3))
     return q, k, v, torch.randn(B, T, D, generator=g, dtype=torch.float64)
@@ -438,7 +465,7 @@ def test_dcmha_gradients_reach_W1_W2_Wdd_Wb(overrides):
     model = make_model("dcmha", n_layer=2, **overrides).train()
     idx = tokens()
     loss64(model, idx).backward()
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator(DEVICE).manual_seed(3)
     for name, p in model.named_parameters():
         if name.split(".")[-1] not in ("W1", "W2", "Wdd", "Wb"):
             continue
@@ -530,7 +557,7 @@ def grn_modules(model):
 def perturb_grns(model, scale=0.5, seed=2):
     """Move every GRN parameter far from its init (b = 1, w = 0, gate norm = identity), so
     that the gates are large and the relus clip for many tokens."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(DEVICE).manual_seed(seed)
     with torch.no_grad():
         for grn in grn_modules(model):
             for p in grn.parameters():
@@ -663,13 +690,24 @@ def test_dca_efficient_equals_naive_reference(overrides):
 def test_dca_stacksum_gradcheck():
     """StackSum's hand-written backward against finite differences, with and without gates,
     for vector b (GRN-v2/v3) and scalar b (GRN-v1)."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(DEVICE).manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
     m, n_out, B, T, d = 3, 2, 2, 3, 4
     stack = [rand(B, T, d) for _ in range(m)]
     for b, r in [(rand(n_out, m, d), rand(m, B, T, n_out)), (rand(n_out, m, d), None), (rand(n_out, m), None)]:
         assert torch.autograd.gradcheck(lambda b, r, *s: dca.StackSum.apply(b, r, *s), (b, r, *stack))
     print("PASS  StackSum backward == finite differences (gradcheck)")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"grn": "v1"}, {"grn": "v2", "dca_k": 2}, {"dca_qkv": False}], ids=str)
+def test_dca_no_grad_sums_equal_stacksum(overrides):
+    """Under torch.no_grad the GRNs use plain sums instead of StackSum: the same numbers."""
+    model = perturb_grns(make_model("dca", **overrides))
+    idx = tokens()
+    with_grad, _ = model(idx)
+    with torch.no_grad():
+        without, _ = model(idx)
+    check(f"dca {overrides}: no_grad plain sums == StackSum", without, with_grad, 1e-12)
 
 
 def test_dca_gate_w_trains_from_its_init():

@@ -56,7 +56,55 @@ class TrainConfig:
     device: str = "auto"          # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps, xla
     dtype: str = "auto"           # auto, float32, bfloat16, float16
     compile: str = "auto"         # auto (on for CUDA), true, false
+    peak_flops: float = 0.0       # the device's peak FLOP/s for MFU; 0 = from PEAK_FLOPS by name
     seed: int = 1337
+
+
+# Peak dense (no sparsity) matmul FLOP/s by device name and dtype, from the vendors' datasheets.
+# MFU against them is approximate: clocks, power limits and board variants differ. The first
+# entry whose name is in the device's name wins; a device that matches none gets no MFU at all,
+# rather than a wrong one (give --peak_flops instead).
+PEAK_FLOPS = [
+    ("H100 PCIe", {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12}),
+    ("H100 NVL", {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12}),
+    ("H100", {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12}),      # SXM
+    ("H200 NVL", {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12}),
+    ("H200", {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12}),      # SXM
+    ("A100", {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12}),
+    ("L40S", {"bfloat16": 362e12, "float16": 362e12, "float32": 91.6e12}),
+    ("L40", {"bfloat16": 181e12, "float16": 181e12, "float32": 90.5e12}),
+    ("L4", {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12}),
+    ("A10G", {"bfloat16": 70e12, "float16": 70e12, "float32": 31.2e12}),
+    ("T4", {"float16": 65e12, "float32": 8.1e12}),
+    ("V100", {"float16": 125e12, "float32": 15.7e12}),
+    ("RTX 4090", {"bfloat16": 165e12, "float16": 165e12, "float32": 82.6e12}),
+    ("RTX 3090", {"bfloat16": 71e12, "float16": 71e12, "float32": 35.6e12}),
+    ("TPU v5e", {"bfloat16": 197e12}),
+    ("TPU v5 lite", {"bfloat16": 197e12}),
+    ("TPU v6e", {"bfloat16": 918e12}),
+    ("TPU v6 lite", {"bfloat16": 918e12}),
+]
+
+
+def device_name(device):
+    """A name to look up in PEAK_FLOPS: the CUDA device's, or the TPU's type (TPU VMs, Colab
+    included, set TPU_ACCELERATOR_TYPE, e.g. v5litepod-1, v6e-1); else the device type."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "xla":
+        kind = os.environ.get("TPU_ACCELERATOR_TYPE", "")
+        return {"v5litepod": "TPU v5e", "v5e": "TPU v5e", "v6e": "TPU v6e"}.get(kind.split("-")[0], f"xla {kind}")
+    return device.type
+
+
+def peak_flops(name, dtype, override=0.0):
+    """FLOP/s to divide by for MFU, or None when the device is unknown."""
+    if override:
+        return override
+    for key, peaks in PEAK_FLOPS:
+        if key in name:
+            return peaks.get(dtype)
+    return None
 
 
 class UserError(Exception):
@@ -263,7 +311,7 @@ def setup_device(c):
     else:
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device={name} but CUDA is not available here; use --device=cpu")
-        device = torch.device(f"cuda:{local}" if name == "cuda" and ddp else name)
+        device = torch.device("cuda", local) if name == "cuda" else torch.device(name)  # set_device needs an index
         if device.type == "cuda":
             torch.cuda.set_device(device)
     if ddp:
@@ -329,11 +377,12 @@ def main(argv=None):
 
     to_device(model, device)
     optimizer = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device.type)
-    step, best_val = 0, float("inf")
+    step, best_val, train_time = 0, float("inf"), 0.0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, best_val = checkpoint["step"], checkpoint["best_val_loss"]
+        train_time = checkpoint.get("train_time", 0.0)
         train_data.generator.set_state(checkpoint["rng"]["data"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if master:
@@ -411,18 +460,24 @@ def main(argv=None):
     def checkpoint_state():
         state = to_cpu({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                         "model_config": gpt.config_to_dict(model_config), "train_config": asdict(c),
-                        "meta": meta, "step": step, "best_val_loss": best_val,
+                        "meta": meta, "step": step, "best_val_loss": best_val, "train_time": train_time,
                         "rng": {"data": train_data.generator.get_state(), "torch": torch.get_rng_state()}})
         for group in state["optimizer"]["param_groups"] if is_xla else []:  # resumable anywhere
             group["lr"], group["capturable"] = float(group["lr"]), False
         return state
 
+    tokens_per_step = c.batch_size * c.gradient_accumulation_steps * model_config.block_size
+    flops_per_token = raw_model.flops_per_token()
+    peak = peak_flops(device_name(device), dtype, c.peak_flops)  # all processes together: x world
     if master:
         os.makedirs(c.out_dir, exist_ok=True)
-        tokens_per_step = c.batch_size * c.gradient_accumulation_steps * model_config.block_size
-        print(f"model {model_config.model}: {raw_model.num_params() / 1e6:.2f}M parameters | device {device} "
-              f"{dtype}{' compiled' if use_compile else ''} | {world} process(es) | {tokens_per_step} tokens/step "
+        print(f"model {model_config.model}: {raw_model.num_params() / 1e6:.2f}M parameters, "
+              f"{flops_per_token / 1e6:.1f} MFLOPs/token | device {device_name(device)} {dtype}"
+              f"{' compiled' if use_compile else ''} | {world} process(es) | {tokens_per_step} tokens/step "
               f"| data {data_folder} ({meta['tokenizer']}, {len(train_data.data):,} train tokens)")
+
+    def graphs_compiled_by_dynamo():
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"]
     log_file = open(os.path.join(c.out_dir, "log.jsonl"), "a") if master else None
     model.train()
     t_start, t_last, steps_since = time.time(), time.time(), 0
@@ -458,21 +513,24 @@ def main(argv=None):
                                 f"(if any) is {ckpt_path}; try a lower --learning_rate or --dtype=float32")
             now = time.time()
             ms = (now - t_last) * 1000 / steps_since
+            train_time += now - t_last  # seconds spent in training steps (evals and saves excluded)
             record = {"step": step, "loss": loss_value, "lr": lr, "ms": ms,
-                      "tok_per_s": c.batch_size * c.gradient_accumulation_steps * model_config.block_size / (ms / 1000)}
-            t_last, steps_since = now, 0
+                      "tok_per_s": tokens_per_step / (ms / 1000), "time": train_time}
+            if peak:
+                record["mfu"] = flops_per_token * record["tok_per_s"] / (peak * world)
             if step % c.eval_interval == 0 or last:
                 record["val"] = evaluate()
                 if not math.isfinite(record["val"]):
                     raise UserError(f"val loss became {record['val']} at step {step}; stopped without saving. "
                                     f"Try a lower --learning_rate")
-            if is_xla:  # graphs compiled so far: constant once the first steps and evals are done
-                record["graphs"] = graphs_compiled()
+            if is_xla or use_compile:  # graphs compiled so far: constant after the first steps and eval
+                record["graphs"] = graphs_compiled() if is_xla else graphs_compiled_by_dynamo()
             if master:
                 eta = (now - t_start) / (step - first_step) * (c.max_iters - step)
                 print(f"step {step} | loss {loss_value:.4f}" + (f" | val {record['val']:.4f}" if "val" in record else "")
-                      + f" | lr {lr:.1e} | {ms:.0f} ms | {record['tok_per_s'] / 1000:.1f}k tok/s | eta {format_time(eta)}"
-                      + (f" | {record['graphs']} graphs" if is_xla else ""),
+                      + f" | lr {lr:.1e} | {ms:.0f} ms | {record['tok_per_s'] / 1000:.1f}k tok/s"
+                      + (f" | mfu {100 * record['mfu']:.1f}% (approx.)" if "mfu" in record else "")
+                      + f" | eta {format_time(eta)}" + (f" | {record['graphs']} graphs" if "graphs" in record else ""),
                       flush=True)
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
@@ -481,6 +539,7 @@ def main(argv=None):
                     best_val = min(best_val, record["val"])
                     if improved or c.always_save_checkpoint:
                         save_checkpoint(ckpt_path, checkpoint_state())
+            t_last, steps_since = time.time(), 0  # the next interval starts after this eval and save
     if master:
         print(f"done: {step} steps in {format_time(time.time() - t_start)}, best val {best_val:.4f}, "
               f"checkpoint {ckpt_path}")

@@ -20,10 +20,18 @@ def test_bench_json_has_every_key_and_ratio_to_gpt():
     rows = json.loads(out.stdout)
     assert [r["model"] for r in rows] == ["gpt", "dca:dca_k=1;grn=v2", "resformer:value_residual=learnable"]
     for r in rows:
-        assert set(r) == {"model", "params", "ms_per_step", "tokens_per_s", "peak_mem_mb", "ratio_to_gpt", "mem_ratio_to_gpt"}
+        assert set(r) == {"model", "params", "ms_per_step", "tokens_per_s", "flops_per_token", "mfu", "peak_mem_mb",
+                          "ratio_to_gpt", "mem_ratio_to_gpt"}
         assert r["params"] > 0 and r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
+        assert r["mfu"] is None  # a CPU is in no peak table: no MFU rather than a wrong one
     assert rows[0]["ratio_to_gpt"] == 1.0 and rows[0]["mem_ratio_to_gpt"] == 1.0
     assert rows[1]["params"] > rows[0]["params"]  # the GRNs
+
+
+def test_bench_mfu_with_a_given_peak():
+    rows = json.loads(bench("--models=gpt", "--json", "--peak_flops=1e12").stdout)
+    r = rows[0]
+    assert r["mfu"] > 0 and abs(r["mfu"] - r["flops_per_token"] * r["tokens_per_s"] / 1e12) < 1e-3
 
 
 def test_bench_markdown_has_one_row_per_model():

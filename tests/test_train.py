@@ -145,3 +145,28 @@ def test_learning_rate_schedules():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     c.lr_schedule = "inverse_sqrt"
     assert abs(learning_rate_at(39, c) - (10 / 40) ** 0.5) < 1e-9
+
+
+def test_peak_flops_table_matches_the_right_card_or_none():
+    sys.path.insert(0, ROOT)
+    from train import peak_flops
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12   # SXM
+    assert peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert peak_flops("NVIDIA L40S", "bfloat16") == 362e12 and peak_flops("NVIDIA L4", "bfloat16") == 121e12
+    assert peak_flops("Tesla T4", "float16") == 65e12 and peak_flops("Tesla T4", "bfloat16") is None  # no bf16 units
+    assert peak_flops("cpu", "float32") is None                          # unknown: no MFU, not a wrong one
+    assert peak_flops("cpu", "float32", override=2e12) == 2e12
+
+
+def test_log_has_training_time_and_mfu_with_a_given_peak(data_dir, tmp_path):
+    train(data_dir, tmp_path / "m", "--max_iters=6", "--eval_interval=3", "--peak_flops=1e12")
+    log = read_log(tmp_path / "m")
+    assert all(0 < r["mfu"] < 1 and r["time"] > 0 for r in log)
+    assert [r["time"] for r in log] == sorted(r["time"] for r in log)
+    assert "mfu" not in read_log_of(train(data_dir, tmp_path / "n", "--max_iters=2", "--eval_interval=2"), tmp_path / "n")[0]
+
+
+def read_log_of(result, out_dir):
+    assert result.returncode == 0
+    return read_log(out_dir)

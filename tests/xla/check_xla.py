@@ -5,7 +5,8 @@ Every model of the registry trains a few steps on XLA and must
     bfloat16 (XLA's bf16 autocast against eager float32),
   - stop compiling new graphs once the first steps and the first eval are done,
   - leave a checkpoint of plain CPU tensors, tied weights still tied, that resumes on the CPU
-    exactly like the eager run's.
+    exactly like the eager run's,
+  - and, since this venv holds an older torch (2.9), train under torch.compile on the CPU too.
 Run it with tests/xla/run.sh (which makes the venv with torch_xla); it ends with the line
 `xla: N passed, M failed` and exits non-zero on any failure.
 """
@@ -44,6 +45,7 @@ EXTRA = {"gpt": ["--gradient_accumulation_steps=2"],     # two micro-batches in 
          "dcmha": ["--query_chunk=16", "--window=24"]}  # several query chunks and a local layer
 FP32_TOL = 1e-4       # max |loss difference|, XLA float32 vs eager float32 (seen: ~1e-6)
 BF16_TOL = 0.02       # XLA bfloat16 autocast vs eager float32 (seen: ~5e-4)
+COMPILE_TOL = 1e-3    # inductor float32 vs eager float32
 MAX_GRAPHS = 3        # per run: the first step (it also creates Adam's state), the other steps, eval
 
 
@@ -109,6 +111,13 @@ def check_model(name, tmp, data_dir):
         total, late = graphs_of_run(xla, before)
         check(f"{dtype} graphs", total <= MAX_GRAPHS and late == 0,
               f"{total} compiled, {late} after step {EVAL}")
+
+    # torch.compile (inductor, on the CPU) with this venv's older torch: the path CUDA users of
+    # torch < 2.12 take. Its evals run the compiled model under no_grad, where torch 2.9-2.11's
+    # Dynamo once failed on DCA's custom autograd.Function.
+    compiled = train_run(data_dir, f"{tmp}/{name}-compiled", *extra, "--device=cpu", "--dtype=float32", "--compile=true")
+    diff = max_loss_diff(eager, compiled)
+    check(f"torch.compile {torch.__version__} on the CPU vs eager", diff <= COMPILE_TOL, f"max|diff| {diff:.1e} (tol {COMPILE_TOL:g})")
 
     # the XLA checkpoint: CPU tensors, portable optimizer groups, ties kept, resumes on the CPU
     xla_dir, eager_dir = f"{tmp}/{name}-xla-float32", f"{tmp}/{name}-eager"

@@ -1,0 +1,498 @@
+"""
+Compare models the way the papers do: several seeds each, the same data order and schedule,
+and the baseline's loss-vs-compute curve to turn a loss difference into a compute multiplier.
+
+    python compare.py --name=deep8 --models=gpt,resformer,dca,dca:dca_k=2 --seeds=1,2,3 \
+                      --lengths=0.5,2 --n_layer=8 --max_iters=1000     # any train.py flag
+    python compare.py --name=deep8 --summary                           # table + plots from the logs
+
+Every (model, seed) trains with train.py into out_dir/NAME/<model>-s<seed>/; a finished run is
+skipped and an interrupted one resumes (--init_from=resume), so a grid fills up over several
+sittings, or machines. Each finished run's log.jsonl and run.json (command, hardware, versions,
+git commit) are copied to results/NAME/runs/, and the summary is made from those files alone:
+
+    table.md, summary.json    per model: params, training FLOPs, final val loss (mean ± std over
+                              seeds, nats/token and bits/byte), Δ vs gpt with Welch's and the
+                              paired (same seeds = same batches) t-test, the compute multiplier,
+                              the wall-clock to reach gpt's final loss, ms/step
+    loss_vs_step.png, loss_vs_flops.png, loss_vs_time.png, delta_vs_gpt.png
+
+Model specs are bench.py's: name[:key=value;key=value]. --lengths runs the baseline (the first
+model) again at those multiples of max_iters (each with its own full cosine schedule); a power
+law plus a constant, L(C) = a·C^-b + c, fitted to the baseline's final losses over training FLOPs
+C, says how much compute the baseline needs to reach each model's loss: the multiplier is that
+compute over the model's own.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+# -----------------------------------------------------------------------------
+# the grid
+
+def slug(spec):
+    """'dca:dca_k=2' -> 'dca-dca_k-2': a folder name."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", spec).strip("-")
+
+
+def spec_flags(spec):
+    """'dca:dca_k=2;grn=v2' -> ['--model=dca', '--dca_k=2', '--grn=v2'] for train.py."""
+    name, _, rest = spec.partition(":")
+    return [f"--model={name}"] + [f"--{item}" for item in filter(None, rest.split(";"))]
+
+
+def plan(args, train_flags):
+    """Every run of the grid: (run name, model spec, seed, length multiple, train.py flags)."""
+    max_iters = int(train_value(train_flags, "max_iters"))
+    runs = []
+    for seed in args.seeds:  # seed-major: an early stop leaves whole seeds, comparable across models
+        for spec in args.models:
+            runs.append((f"{slug(spec)}-s{seed}", spec, seed, 1.0, []))
+        for length in args.lengths:
+            iters = round(max_iters * length)
+            runs.append((f"{slug(args.models[0])}-x{length:g}-s{seed}", args.models[0], seed, length,
+                         [f"--max_iters={iters}", f"--lr_decay_iters={iters}"]))
+    return runs
+
+
+def train_value(train_flags, key):
+    """The value train.py will use for a TrainConfig field: the last --key=value, else the default."""
+    import train
+    for flag in reversed(train_flags):
+        if flag.startswith(f"--{key}="):
+            return flag.split("=", 1)[1]
+    return getattr(train.TrainConfig(), key)
+
+
+def check_flags(argv):
+    """Parse a run's flags as train.py will, so a typo fails now, not hours into the grid."""
+    import train
+    try:
+        return train.parse_args(argv)
+    except train.UserError as e:
+        sys.exit(f"error: {e}")
+
+
+def model_facts(argv):
+    """Parameters, FLOPs per token, tokens per step and bytes per token of a run's model."""
+    import gpt
+    import train
+    c, model_values, _ = check_flags(argv)
+    folder, meta = train.load_dataset(c)
+    model = gpt.build_model(gpt.config_from_dict({**model_values, "vocab_size": meta["vocab_size"]}))
+    block_size = model.config.block_size
+    bytes_per_token = 1.0 if meta["tokenizer"] == "byte" else meta.get("val_bytes", 0) / max(meta["val_tokens"], 1) or None
+    return {"params": model.num_params(), "flops_per_token": model.flops_per_token(),
+            "tokens_per_step": c.batch_size * c.gradient_accumulation_steps * block_size,
+            "max_iters": c.max_iters, "bytes_per_token": bytes_per_token, "dataset": folder, "tokenizer": meta["tokenizer"]}
+
+
+def environment():
+    """Where and with what a run ran: for run.json."""
+    import torch
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip())
+    except OSError:
+        commit, dirty = "", False
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"hostname_cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "git_commit": commit + ("+uncommitted changes" if dirty else "")}
+
+
+def read_log(path):
+    """log.jsonl -> records, one per step: a resumed run re-logs the steps after its last
+    checkpoint, and the later record of a step wins."""
+    by_step = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def finished(log, max_iters):
+    return bool(log) and log[-1]["step"] == max_iters and "val" in log[-1]
+
+
+def run_grid(args, train_flags, results):
+    """Train every run that is not finished; copy each finished run into results/NAME/runs/."""
+    out_root = Path(train_value(train_flags, "out_dir")) / args.name
+    runs = plan(args, train_flags)
+    todo = []
+    for name, spec, seed, length, extra in runs:
+        argv = [*train_flags, *spec_flags(spec), f"--seed={seed}", *extra, f"--out_dir={out_root / name}"]
+        facts = model_facts(argv)  # also checks the flags, for every run, before anything trains
+        if finished(read_log(results / "runs" / name / "log.jsonl"), facts["max_iters"]):
+            continue
+        todo.append((name, spec, seed, length, argv, facts))
+    print(f"compare {args.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to train")
+    t_start, done_seconds = time.time(), []
+    for i, (name, spec, seed, length, argv, facts) in enumerate(todo):
+        out_dir = out_root / name
+        log = read_log(out_dir / "log.jsonl")
+        t0 = time.time()
+        if not finished(log, facts["max_iters"]):  # (a finished one was only not copied yet)
+            resume = (out_dir / "ckpt.pt").exists()
+            if not resume and out_dir.exists():
+                shutil.rmtree(out_dir)  # a run that never saved a checkpoint starts again, from scratch
+            eta = "" if not done_seconds else f" | grid ETA {format_time(sum(done_seconds) / len(done_seconds) * (len(todo) - i))}"
+            print(f"[{i + 1}/{len(todo)}] {name}: {'resuming at step ' + str(log[-1]['step']) if resume and log else 'training'}"
+                  f"{eta}", flush=True)
+            command = [sys.executable, "train.py", *argv] + (["--init_from=resume"] if resume else [])
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with open(out_dir / "train.log", "a") as f:
+                code = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+            if code != 0:
+                tail = (out_dir / "train.log").read_text().strip().splitlines()[-1:]
+                sys.exit(f"error: {name} failed (exit {code}): {tail[0] if tail else ''}\n"
+                         f"  its output is in {out_dir / 'train.log'}; rerun this command to resume the grid")
+            done_seconds.append(time.time() - t0)
+            log = read_log(out_dir / "log.jsonl")
+        keep = results / "runs" / name
+        keep.mkdir(parents=True, exist_ok=True)
+        (keep / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        run_info = {"run": name, "model": spec, "seed": seed, "length": length,
+                    "command": "python " + " ".join(["train.py", *argv]), **facts, **environment(),
+                    "seconds_this_sitting": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (keep / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
+        print(f"    {name}: val {log[-1]['val']:.4f} after {log[-1]['step']} steps ({format_time(time.time() - t0)})", flush=True)
+    print(f"grid done in {format_time(time.time() - t_start)}")
+
+
+def format_time(seconds):
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+# -----------------------------------------------------------------------------
+# statistics, from the runs' files alone
+
+def load_runs(results):
+    """results/NAME/runs/* -> list of dicts: run.json plus its log and derived curves."""
+    runs = []
+    for folder in sorted((results / "runs").glob("*")):
+        if not (folder / "run.json").exists():
+            continue
+        run = json.loads((folder / "run.json").read_text())
+        log = read_log(folder / "log.jsonl")
+        if not finished(log, run["max_iters"]):
+            continue
+        evals = [r for r in log if "val" in r]
+        run["steps"] = [r["step"] for r in evals]
+        run["val"] = [r["val"] for r in evals]
+        run["flops"] = [r["step"] * run["tokens_per_step"] * run["flops_per_token"] for r in evals]
+        run["time"] = [r.get("time", float("nan")) for r in evals]
+        run["final"] = evals[-1]["val"]
+        run["total_flops"] = run["flops"][-1]
+        run["ms_per_step"] = median([r["ms"] for r in log[1:]] or [log[0]["ms"]])  # the first interval compiles/warms up
+        runs.append(run)
+    return runs
+
+
+def median(xs):
+    xs = sorted(xs)
+    return 0.5 * (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2])
+
+
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan"))
+
+
+def welch_p(a, b):
+    """Two-sided Welch t-test p-value of mean(a) != mean(b) (nan with fewer than 2 each)."""
+    from scipy import stats
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def paired_p(pairs):
+    """Two-sided paired t-test over seeds both models ran (same seed = same batches)."""
+    from scipy import stats
+    if len(pairs) < 2:
+        return float("nan")
+    return float(stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
+
+
+def fit_power_law(flops, losses):
+    """L(C) = a (C/C0)^-b + c through the baseline's (FLOPs, final loss) points, C0 = their
+    geometric mean (for conditioning). -> dict(a, b, c, c0) or None with fewer than 3 lengths."""
+    import numpy as np
+    from scipy.optimize import curve_fit
+    if len(set(flops)) < 3:
+        return None
+    c0 = float(np.exp(np.mean(np.log(flops))))
+    x, y = np.array(flops) / c0, np.array(losses)
+    law = lambda x, a, b, c: a * x ** -b + c  # noqa: E731
+    best = None
+    for b0 in (0.1, 0.3, 1.0):  # a few starts: the fit is small but not convex
+        try:
+            (a, b, c), _ = curve_fit(law, x, y, p0=(max(y.max() - y.min(), 1e-3), b0, y.min() * 0.9),
+                                     bounds=([0, 1e-3, 0], [np.inf, 5, y.min()]), maxfev=20000)
+        except (RuntimeError, ValueError):
+            continue
+        err = float(((law(x, a, b, c) - y) ** 2).sum())
+        if best is None or err < best[0]:
+            best = (err, dict(a=float(a), b=float(b), c=float(c), c0=c0))
+    return best[1] if best else None
+
+
+def flops_to_reach(fit, loss):
+    """The training FLOPs at which the fitted baseline reaches loss (inf below its asymptote)."""
+    if loss <= fit["c"]:
+        return float("inf")
+    return fit["c0"] * ((loss - fit["c"]) / fit["a"]) ** (-1 / fit["b"])
+
+
+def time_to_reach(times, vals, target):
+    """First time the val curve reaches target, interpolated between evals; None if never."""
+    for i, (t, v) in enumerate(zip(times, vals)):
+        if v <= target:
+            if i == 0:
+                return t
+            t0, v0 = times[i - 1], vals[i - 1]
+            return t0 + (t - t0) * (v0 - target) / (v0 - v)
+    return None
+
+
+def summarize(runs, models):
+    """Per model: the numbers of the table. models: the specs in their order; models[0] is the baseline."""
+    base = models[0]
+    main = {spec: [r for r in runs if r["model"] == spec and r["length"] == 1.0] for spec in models}
+    main = {spec: sorted(rs, key=lambda r: r["seed"]) for spec, rs in main.items() if rs}
+    if base not in main:
+        sys.exit(f"error: no finished run of the baseline {base} yet; nothing to compare against")
+    lengths = [r for r in runs if r["model"] == base]
+    by_length = {}
+    for r in lengths:
+        by_length.setdefault(r["total_flops"], []).append(r["final"])
+    fit = fit_power_law(list(by_length), [sum(v) / len(v) for v in by_length.values()]) if len(by_length) >= 3 else None
+    base_final = {r["seed"]: r["final"] for r in main[base]}
+    base_mean = sum(base_final.values()) / len(base_final)
+    base_time = sum(r["time"][-1] for r in main[base]) / len(main[base])
+    ln2 = math.log(2)
+    rows = []
+    for spec, rs in main.items():
+        finals = [r["final"] for r in rs]
+        mean, std = mean_std(finals)
+        bpt = rs[0]["bytes_per_token"]
+        row = {"model": spec, "seeds": [r["seed"] for r in rs], "params": rs[0]["params"],
+               "flops_per_token": rs[0]["flops_per_token"], "train_flops": rs[0]["total_flops"],
+               "val_mean": mean, "val_std": std, "val_finals": finals,
+               "bpb_mean": mean / ln2 / bpt if bpt else None, "bpb_std": std / ln2 / bpt if bpt else None,
+               "delta": mean - base_mean, "welch_p": None, "paired_p": None, "compute_multiplier": None,
+               "time_to_gpt_loss": None, "ms_per_step": sum(r["ms_per_step"] for r in rs) / len(rs)}
+        if spec != base:
+            row["welch_p"] = welch_p(finals, list(base_final.values()))
+            row["paired_p"] = paired_p([(r["final"], base_final[r["seed"]]) for r in rs if r["seed"] in base_final])
+        if fit:
+            needed = flops_to_reach(fit, mean)
+            row["compute_multiplier"] = needed / rs[0]["total_flops"]
+            covered = [min(by_length), max(by_length)]
+            row["multiplier_extrapolated"] = not covered[0] <= needed <= covered[1]
+        # wall-clock to reach the baseline's final loss, on the seed-mean curve, over the baseline's time
+        steps = rs[0]["steps"]
+        vals = [sum(r["val"][i] for r in rs) / len(rs) for i in range(len(steps))]
+        times = [sum(r["time"][i] for r in rs) / len(rs) for i in range(len(steps))]
+        reached = time_to_reach(times, vals, base_mean)
+        row["time_to_gpt_loss"] = None if reached is None else reached / base_time
+        rows.append(row)
+    return {"baseline": base, "fit": fit, "lengths": {str(k): v for k, v in sorted(by_length.items())}, "rows": rows}
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+def fmt_p(p):
+    return "-" if p is None or p != p else (f"{p:.3f}" if p >= 0.001 else f"{p:.0e}")
+
+
+def table_markdown(summary, info):
+    lines = [f"| model | params | train PFLOPs | val loss (nats/token) | bits/byte | Δ vs {summary['baseline']} "
+             f"| p (Welch) | p (paired) | compute × | time to {summary['baseline']}'s loss | ms/step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in summary["rows"]:
+        bpb = "-" if r["bpb_mean"] is None else f"{r['bpb_mean']:.4f}"
+        mult = "-" if r["compute_multiplier"] is None else (
+            ("~" if r.get("multiplier_extrapolated") else "") + (f"{r['compute_multiplier']:.2f}" if r["compute_multiplier"] != float("inf") else "∞"))
+        reach = "never" if r["time_to_gpt_loss"] is None else f"{r['time_to_gpt_loss']:.2f}"
+        delta = "" if r["model"] == summary["baseline"] else f"{r['delta']:+.4f}"
+        lines.append(f"| `{r['model']}` | {r['params'] / 1e6:.2f}M | {r['train_flops'] / 1e15:.3f} | "
+                     f"{r['val_mean']:.4f} ± {r['val_std']:.4f} (n={len(r['seeds'])}) | {bpb} | {delta} | {fmt_p(r['welch_p'])} | "
+                     f"{fmt_p(r['paired_p'])} | {mult} | {reach} | {r['ms_per_step']:.0f} |")
+    fit = summary["fit"]
+    notes = [f"Final val loss (the last eval, at the end of training), mean ± std over seeds {info['seeds']}; "
+             f"Δ and p against `{summary['baseline']}` (paired: the same seed gives both models the same batches). ",
+             "compute ×: the baseline's training FLOPs needed to reach the model's mean loss (from the power law "
+             "fitted to its runs at several lengths) over the model's own; ~ = outside the fitted lengths (extrapolated). "
+             if fit else "compute ×: needs baseline runs at 3 or more lengths (--lengths). ",
+             f"time: wall-clock of training steps (evals excluded) to reach the baseline's final loss, over the baseline's. "]
+    if fit:
+        notes.append(f"Fit: L(C) = {fit['a']:.4f}·(C/{fit['c0']:.3g})^-{fit['b']:.3f} + {fit['c']:.4f}.")
+    return "\n".join(lines) + "\n\n" + "".join(notes) + "\n"
+
+
+COLORS = ["#222222", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+
+
+def plots(runs, summary, models, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    base = summary["baseline"]
+    main = {spec: [r for r in runs if r["model"] == spec and r["length"] == 1.0] for spec in models}
+    main = {spec: rs for spec, rs in main.items() if rs}
+    color = {spec: COLORS[i % len(COLORS)] for i, spec in enumerate(models)}
+    # the y range: the second half of training, where the models separate
+    late = [v for rs in main.values() for r in rs for s, v in zip(r["steps"], r["val"]) if s >= r["steps"][-1] * 0.3]
+    ylim = (min(late) - 0.01, max(late) + 0.01) if late else None
+    for axis, xlabel, fname in (("steps", "training step", "loss_vs_step.png"),
+                                ("flops", "training FLOPs", "loss_vs_flops.png"),
+                                ("time", "training wall-clock (s, evals excluded)", "loss_vs_time.png")):
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=130)
+        for spec, rs in main.items():
+            x = np.mean([r[axis] for r in rs], axis=0)
+            vals = np.array([r["val"] for r in rs])
+            mean = vals.mean(0)
+            ax.plot(x, mean, color=color[spec], lw=2.2 if spec == base else 1.6, label=f"{spec} (n={len(rs)})")
+            if len(rs) > 1:
+                ax.fill_between(x, vals.min(0), vals.max(0), color=color[spec], alpha=0.15, lw=0)
+        if axis == "flops" and summary["fit"]:
+            fit = summary["fit"]
+            points = sorted((float(k), sum(v) / len(v)) for k, v in summary["lengths"].items())
+            xs = np.geomspace(points[0][0] * 0.7, points[-1][0] * 1.4, 100)
+            ax.plot(xs, fit["a"] * (xs / fit["c0"]) ** -fit["b"] + fit["c"], ls="--", color=color[base], lw=1,
+                    label=f"{base} at {len(points)} lengths: power-law fit")
+            ax.scatter(*zip(*points), color=color[base], zorder=5, s=25)
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("val loss (nats/token)")
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, frameon=False)
+        ax.set_title(f"{out.name}: val loss, mean over seeds (band: min-max)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / fname)
+        plt.close(fig)
+    # Δ vs the baseline with 95% confidence intervals (Welch)
+    from scipy import stats
+    rows = [r for r in summary["rows"] if r["model"] != base]
+    base_row = next(r for r in summary["rows"] if r["model"] == base)
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * max(len(rows), 1)), dpi=130)
+    for i, r in enumerate(rows):
+        n1, n2 = len(r["val_finals"]), len(base_row["val_finals"])
+        se = math.sqrt(r["val_std"] ** 2 / n1 + base_row["val_std"] ** 2 / n2) if n1 > 1 and n2 > 1 else float("nan")
+        dof = (se ** 4 / ((r["val_std"] ** 2 / n1) ** 2 / (n1 - 1) + (base_row["val_std"] ** 2 / n2) ** 2 / (n2 - 1))
+               if se == se and se > 0 else 1)
+        half = stats.t.ppf(0.975, dof) * se if se == se else 0
+        ax.barh(i, r["delta"], xerr=half, color=color[r["model"]], alpha=0.8, capsize=4)
+        ax.text(r["delta"], i, f"  p={fmt_p(r['welch_p'])}  ", va="center", fontsize=8,
+                ha="left" if r["delta"] >= 0 else "right")
+    ax.axvline(0, color="black", lw=1)
+    ax.set_yticks(range(len(rows)), [r["model"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"final val loss − {base}'s (nats/token; < 0 is better), 95% CI")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "delta_vs_gpt.png")
+    plt.close(fig)
+
+
+def report(results, models=None):
+    info = json.loads((results / "compare.json").read_text())
+    models = models or info["models"]
+    runs = load_runs(results)
+    summary = summarize(runs, models)
+    summary["compare"] = info
+    (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    table = table_markdown(summary, info)
+    commands = "\n".join(f"    {c}" for c in info["commands"])
+    (results / "table.md").write_text(f"# {results.name}\n\nMade by (python compare.py --name={results.name} --summary "
+                                      f"makes it again from the logs):\n\n{commands}\n\n" + table)
+    plots(runs, summary, models, results)
+    return table
+
+
+# -----------------------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     epilog="Every other --key=value flag goes to train.py, for every run.")
+    parser.add_argument("--name", required=True, help="the experiment: out_dir/NAME/ and results/NAME/")
+    parser.add_argument("--models", default="", help="comma-separated specs, the baseline first (default: gpt and every model)")
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds, the same for every model")
+    parser.add_argument("--lengths", default="", help="extra lengths of the baseline, as multiples of max_iters, e.g. 0.5,2")
+    parser.add_argument("--results", default="results", help="folder of the committed results")
+    parser.add_argument("--summary", action="store_true", help="only make table.md, summary.json and the plots from the logs")
+    parser.add_argument("--markdown", action="store_true", help="print table.md when done")
+    args, train_flags = parser.parse_known_args(argv)
+    bad = [f for f in train_flags if not re.match(r"--\w+=", f)]
+    if bad:
+        parser.error(f"train.py flags must be --key=value: {' '.join(bad)}")
+    if any(f.startswith(("--model=", "--seed=", "--init_from=")) for f in train_flags):
+        parser.error("--model, --seed and --init_from are set per run: use --models and --seeds")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s]
+        args.lengths = [float(x) for x in args.lengths.split(",") if x]
+    except ValueError:
+        parser.error("--seeds are integers and --lengths numbers, comma-separated")
+    if any(x <= 0 for x in args.lengths):
+        parser.error("--lengths must be > 0")
+    return args, train_flags
+
+
+def main(argv=None):
+    args, train_flags = parse_args(sys.argv[1:] if argv is None else argv)
+    results = Path(args.results) / args.name
+    if args.summary:
+        if not (results / "compare.json").exists():
+            sys.exit(f"error: {results}/compare.json not found: run the grid first (without --summary)")
+        print(report(results, args.models.split(",") if args.models else None))
+        return
+    import gpt
+    args.models = args.models.split(",") if args.models else list(gpt.all_models())
+    command = "python compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    info = {"commands": [command], "models": args.models, "seeds": args.seeds, "lengths": args.lengths,
+            "train_flags": train_flags}
+    results.mkdir(parents=True, exist_ok=True)
+    old = results / "compare.json"
+    if old.exists():
+        before = json.loads(old.read_text())
+        if before["train_flags"] != train_flags:
+            sys.exit(f"error: {results} holds a grid made with other train.py flags ({' '.join(before['train_flags'])}); "
+                     f"use another --name")
+        info["models"] = before["models"] + [m for m in args.models if m not in before["models"]]
+        info["seeds"] = sorted(set(before["seeds"]) | set(args.seeds))
+        info["lengths"] = sorted(set(before["lengths"]) | set(args.lengths))
+        info["commands"] = before["commands"] + ([command] if command not in before["commands"] else [])
+    old.write_text(json.dumps(info, indent=1) + "\n")
+    run_grid(args, train_flags, results)
+    table = report(results, info["models"])
+    print(table if args.markdown else f"wrote {results}/table.md, summary.json and the plots")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""
+The GPU path, proven and measured in one call: everything a lent H100 / H200 must show.
+
+    python tests/gpu/run.py OUT                 # on the GPU machine: ~7 minutes on one H100 / H200
+    python tests/gpu/run.py --device=cpu OUT    # the same steps at tiny shapes on the CPU (CI runs this)
+
+The steps, each with its log under OUT/logs/:
+  1. equivalence  test_equivalence.py on the device (EQUIV_DEVICE): the float64 exactness checks and
+                  bf16 autocast against float32, for every model
+  2. explain      torch._dynamo.explain per model: graphs and graph breaks of one training forward
+  3. train        train.py for every model with the device's defaults (on CUDA: torch.compile + bf16,
+                  fused AdamW, pinned memory): the loss falls, nothing is compiled after the first
+                  eval, --init_from=resume continues the run, sample.py samples from it
+  4. bench        bench.py --compile at the DCA paper's shape and at GPT-2 small's: ms/step, tokens/s,
+                  MFU, peak memory and the ratio to gpt, every model in one process
+  5. profile      torch.profiler's top kernels of a compiled step of gpt, dca and dcmha (time permitting)
+Steps 1-3 run side by side with bench's compilation (--warm_cache: compiling is CPU work, which the
+machine's cores do in parallel, and inductor keeps what it compiled on disk); then the timed benches
+and the profiles run alone on the idle GPU. Nothing needs the network.
+
+Writes OUT/summary.json, OUT/table.md and OUT/logs.tar.gz, prints the table last, and exits with 0
+only when every check passed. --budget (seconds) bounds the whole run: a step that would not fit
+is skipped, and says so.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "vocab_size")
+MODES = {
+    "cuda": dict(
+        shapes={
+            # the DCA paper's LM1B models (6 layers, d 512, 8 heads, 128 tokens), a batch that fills the GPU
+            "dca_paper": dict(n_layer=6, n_head=8, n_embd=512, block_size=128, batch_size=256, vocab_size=32000),
+            "gpt2_small": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, vocab_size=50304),
+        },
+        train=["--max_iters=200", "--eval_interval=100", "--log_interval=25", "--eval_iters=10"],
+        resume_to=250, equivalence=["-k", "not compile"], bench_compile=True, repeats=20, loss_drop=0.5,
+        workers=12, big_workers=4, budget=500, phase_2=190, profile=("dcmha", "dca")),
+    "cpu": dict(
+        shapes={"tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=2, vocab_size=256)},
+        train=["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=20",
+               "--eval_interval=10", "--log_interval=5", "--eval_iters=2", "--warmup_iters=2", "--compile=false"],
+        resume_to=25, equivalence=["-k", "gpt and (causality or bf16)"], bench_compile=False, repeats=2, loss_drop=0.05,
+        workers=2, big_workers=1, budget=0, phase_2=0, profile=("gpt",)),
+}
+
+
+def model_specs():
+    """Every registered model at its defaults, and k-DCA with k = 2."""
+    import gpt
+    return list(gpt.all_models()) + ["dca:dca_k=2"]
+
+
+def spec_flags(spec):
+    """'dca:dca_k=2' -> ['--model=dca', '--dca_k=2'] for train.py."""
+    name, _, rest = spec.partition(":")
+    return [f"--model={name}"] + [f"--{item}" for item in filter(None, rest.split(";"))]
+
+
+def slug(spec):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", spec)
+
+
+def shape_flags(shape):
+    return [f"--{k}={shape[k]}" for k in SHAPE_KEYS]
+
+
+class Runner:
+    """Runs commands with a log file each, all bounded by one deadline."""
+
+    def __init__(self, logs, budget, device):
+        self.logs, self.device = logs, device
+        self.deadline = time.time() + budget if budget else float("inf")
+        self.lock = threading.Lock()
+
+        self.phase_deadline = self.deadline
+
+    def left(self):
+        return min(self.deadline, self.phase_deadline) - time.time()
+
+    def run(self, name, args, env=None, min_time=10):
+        """Run args; return (exit code or 'skipped'/'timeout', output). The output goes to logs/name.txt."""
+        if self.left() < min_time:
+            return "skipped", f"skipped: {self.left():.0f} s left of the budget"
+        timeout = None if self.left() == float("inf") else self.left()
+        start = time.time()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        try:
+            p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+            code, out = p.returncode, p.stdout + "\n" + p.stderr
+        except subprocess.TimeoutExpired as e:
+            code, out = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        with open(self.logs / f"{name}.txt", "a") as f:
+            f.write(f"$ {' '.join(map(str, args))}\n{out}\n[exit {code} after {time.time() - start:.1f} s]\n")
+        with self.lock:
+            print(f"  {name}: exit {code} ({time.time() - start:.0f} s)", flush=True)
+        return code, out
+
+
+# -----------------------------------------------------------------------------
+# the steps
+
+def equivalence(r, mode):
+    files = ["test_equivalence.py"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_equivalence_*.py"))
+    r.run("equivalence", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *files,
+                          *mode["equivalence"]], env={"EQUIV_DEVICE": r.device})
+
+
+def explain_models(device, specs, out_file):
+    """In a process of its own: graphs and graph breaks of one training forward of each model."""
+    import torch
+    import bench
+    import gpt
+    device = torch.device(device)
+    shape = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=256)
+    results = {}
+    for spec in specs:
+        name, overrides = bench.parse_spec(spec)
+        config_class, model_class = gpt.all_models()[name]
+        model = model_class(config_class(**{**shape, "model": name, **overrides})).to(device)
+        idx = torch.randint(0, 256, (4, 256), device=device)
+        torch._dynamo.reset()
+        e = torch._dynamo.explain(model)(idx, idx)
+        results[spec] = {"graphs": e.graph_count, "graph_breaks": e.graph_break_count,
+                         "reasons": [str(b.reason)[:200] for b in e.break_reasons][:5]}
+    with open(out_file, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def explain(r, specs):
+    r.run("explain", [sys.executable, __file__, "--explain", f"--device={r.device}", f"--models={','.join(specs)}",
+                      str(r.logs / "explain.json")])
+
+
+def train(r, mode, spec, data_dir, work):
+    """train -> resume -> sample for one model, into logs/train-<spec>.txt and its log.jsonl."""
+    out = work / f"train-{slug(spec)}"
+    common = [f"--data_dir={data_dir}", f"--out_dir={out}", f"--device={r.device}", *spec_flags(spec), *mode["train"]]
+    name = f"train-{slug(spec)}"
+    if r.run(name, [sys.executable, "train.py", *common])[0] == 0:
+        r.run(name, [sys.executable, "train.py", *common, "--init_from=resume", f"--max_iters={mode['resume_to']}"])
+        r.run(name, [sys.executable, "sample.py", f"--out_dir={out}", f"--device={r.device}", "--start=def ",
+                     "--num_samples=2", "--max_new_tokens=64"])
+    if (out / "log.jsonl").exists():
+        shutil.copy(out / "log.jsonl", r.logs / f"{name}.jsonl")
+    shutil.rmtree(out, ignore_errors=True)  # the checkpoints go
+
+
+def bench(r, mode, shape_name, specs, warm):
+    """warm: compile one model in a process of its own (in parallel with others); else time
+    them all in one process, into logs/bench-<shape>.txt. Returns the exit code."""
+    shape = mode["shapes"][shape_name]
+    args = [sys.executable, "bench.py", f"--device={r.device}", *shape_flags(shape)] + (["--compile"] if mode["bench_compile"] else [])
+    if warm:
+        return r.run(f"warm-{shape_name}-{slug(specs[0])}", [*args, "--warm_cache", f"--models={specs[0]}"])[0]
+    return r.run(f"bench-{shape_name}", [*args, "--json", f"--models={','.join(specs)}",
+                                         f"--repeats={mode['repeats']}", "--warmup=3"], min_time=60)[0]
+
+
+def profile_model(device, spec, shape, out_file):
+    """In a process of its own: the top kernels of three compiled training steps."""
+    import torch
+    import bench
+    args = argparse.Namespace(**shape, compile=True)
+    device = torch.device(device)
+    model, _, _ = bench.build(spec, args, device)
+    step = bench.make_step(model, args, device)
+    for _ in range(3):
+        step()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    Path(out_file).write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=90))
+
+
+def profile(r, mode, spec, shape_name):
+    r.run(f"profile-{slug(spec)}", [sys.executable, __file__, f"--profile={spec}", f"--shape={json.dumps(mode['shapes'][shape_name])}",
+                                    f"--device={r.device}", str(r.logs / f"profile-{shape_name}-{slug(spec)}.txt")], min_time=45)
+
+
+# -----------------------------------------------------------------------------
+# the report: made from the logs alone, so that it can be made again from committed logs
+
+def commands(text):
+    """A log of appended commands -> [(command line, exit code, output)]."""
+    out = []
+    for part in ("\n" + text).split("\n$ ")[1:]:
+        command, _, rest = part.partition("\n")
+        exits = re.findall(r"\[exit (\S+) after", rest)
+        out.append((command, exits[-1] if exits else "?", rest))
+    return out
+
+
+def flag(command, name):
+    values = re.findall(rf"--{name}=(\S+)", command)
+    return values[-1] if values else None
+
+
+def collect_train(logs, name, loss_drop):
+    steps = commands((logs / f"{name}.txt").read_text())
+    train_cmd, code, text = steps[0]
+    result = {"exit": code}
+    if code != "0" or not (logs / f"{name}.jsonl").exists():
+        lines = [line for line in text.splitlines() if line.strip() and not line.startswith("[exit")]
+        errors = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b|error:", line)]
+        result["error"] = (errors or lines or [""])[-1][:200]
+        return result
+    log = [json.loads(line) for line in (logs / f"{name}.jsonl").read_text().splitlines()]
+    first_run = [rec for rec in log if rec["step"] <= int(flag(train_cmd, "max_iters"))]
+    evals = [rec for rec in first_run if "val" in rec]
+    result.update(val=evals[-1]["val"], best_val=min(rec["val"] for rec in evals), first_loss=first_run[0]["loss"],
+                  ms=first_run[-1]["ms"], steps=first_run[-1]["step"],
+                  loss_falls=evals[-1]["val"] < first_run[0]["loss"] - loss_drop)
+    if "graphs" in first_run[-1]:  # compiled: every graph exists once the first eval has run
+        after = first_run[first_run.index(evals[0]) + 1:]
+        result["no_recompile"] = all(rec["graphs"] == first_run[-1]["graphs"] for rec in after)
+    resume = [step for step in steps if "--init_from=resume" in step[0]]
+    result["resumed"] = bool(resume) and resume[0][1] == "0" and "resuming from" in resume[0][2] \
+        and log[-1]["step"] == int(flag(resume[0][0], "max_iters"))
+    sample = [step for step in steps if "sample.py" in step[0]]
+    result["sampled"] = bool(sample) and sample[0][1] == "0" and sample[0][2].count("def") >= 2
+    return result
+
+
+def collect(logs):
+    """Everything the report shows, parsed from the folder of logs."""
+    info = json.loads((logs / "run.json").read_text())
+    results = {**info, "train": {}, "bench": {}}
+    eq = logs / "equivalence.txt"
+    if eq.exists():
+        text = eq.read_text()
+        summary = [line for line in text.splitlines() if re.search(r"\d+ (passed|failed)", line)]
+        counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?)", summary[-1] if summary else "")}
+        results["equivalence"] = {"exit": commands(text)[-1][1], "passed": counts.get("passed", 0),
+                                  "failed": counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0),
+                                  "failures": re.findall(r"^FAILED (\S+)", text, re.M)[:20]}
+    explain_file = logs / "explain.json"
+    results["explain"] = json.loads(explain_file.read_text()) if explain_file.exists() else {}
+    for spec in info["models"]:
+        if (logs / f"train-{slug(spec)}.txt").exists():
+            results["train"][spec] = collect_train(logs, f"train-{slug(spec)}", info["loss_drop"])
+    for shape_name in info["shapes"]:
+        path = logs / f"bench-{shape_name}.txt"
+        if not path.exists():
+            continue
+        text = path.read_text()
+        try:  # bench.py's JSON, "[\n {...},\n ...\n]", among the compiler's warnings
+            results["bench"][shape_name] = json.loads(text[text.index("[\n"):text.index("\n]") + 2])
+        except ValueError:
+            results["bench"][shape_name] = f"no result (exit {commands(text)[-1][1]}; see {path.name})"
+    results["not_compiled"] = sorted(p.stem[len("warm-"):] for p in logs.glob("warm-*.txt")
+                                     if commands(p.read_text())[-1][1] != "0")
+    results["profiles"] = sorted(p.name for p in logs.glob("profile-*-*.txt"))
+    return results
+
+
+def summarize(results):
+    lines = [f"GPU check: {results['device']}", ""]
+    eq = results.get("equivalence")
+    if eq:
+        lines.append(f"equivalence suite on the device: {eq['passed']} passed, {eq['failed']} failed"
+                     + (f" ({', '.join(eq['failures'][:5])})" if eq["failures"] else ""))
+    mark = {True: "yes", False: "**NO**", None: "-"}
+    if results["train"]:
+        lines += ["", "| model | graphs / breaks | train: val at the end (best) | loss falls | no recompile | resume | sample | ms/step |",
+                  "|---|---:|---:|:-:|:-:|:-:|:-:|---:|"]
+    for spec, t in results["train"].items():
+        e = results["explain"].get(spec, {})
+        graphs = f"{e.get('graphs', '?')} / {e.get('graph_breaks', '?')}"
+        if "val" not in t:
+            lines.append(f"| `{spec}` | {graphs} | failed: {t.get('error', '')} | | | | | |")
+            continue
+        lines.append(f"| `{spec}` | {graphs} | {t['val']:.4f} ({t['best_val']:.4f}) | {mark[t['loss_falls']]} "
+                     f"| {mark[t.get('no_recompile')]} | {mark[t['resumed']]} | {mark[t['sampled']]} | {t['ms']:.1f} |")
+    for shape_name, rows in results["bench"].items():
+        lines += ["", f"bench `{shape_name}` (compiled, bf16 autocast on CUDA): "
+                  + ", ".join(f"{k}={v}" for k, v in results["shapes"][shape_name].items()), ""]
+        if not isinstance(rows, list):
+            lines.append(rows)
+            continue
+        lines += ["| model | params | ms/step | tokens/s | MFU (approx.) | peak mem MB | × gpt time | × gpt mem |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in rows:
+            mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+            lines.append(f"| `{row['model']}` | {row['params']:,} | {row['ms_per_step']:.1f} | {row['tokens_per_s']:,} | {mfu} "
+                         f"| {row['peak_mem_mb']:.0f} | {row['ratio_to_gpt']:.2f} | {row['mem_ratio_to_gpt']:.2f} |")
+    if results["not_compiled"]:
+        lines += ["", f"did not compile in time (left out of the bench): {', '.join(results['not_compiled'])}"]
+    return "\n".join(lines)
+
+
+def checks_passed(results):
+    eq = results.get("equivalence", {"exit": "0", "passed": 1})
+    ok = eq["exit"] == "0" and eq["passed"] > 0
+    for t in results["train"].values():
+        ok &= bool(t.get("loss_falls") and t.get("resumed") and t.get("sampled") and t.get("no_recompile", True))
+    ok &= all(isinstance(e, dict) and e.get("graphs", 0) >= 1 for e in results["explain"].values())
+    ok &= all(isinstance(rows, list) for rows in results["bench"].values())
+    return ok
+
+
+def report(out, logs):
+    """table.md and summary.json from the logs; returns (table, passed)."""
+    results = collect(logs)
+    results["passed"] = checks_passed(results)
+    table = summarize(results) + f"\n\n{'ALL CHECKS PASSED' if results['passed'] else 'SOME CHECKS FAILED'}\n"
+    (out / "table.md").write_text(table)
+    (out / "summary.json").write_text(json.dumps(results, indent=1))
+    return table, results["passed"]
+
+
+def run_steps(args, specs, mode, logs, work):
+    import torch
+    budget = mode["budget"] if args.budget is None else args.budget
+    r = Runner(logs, budget, args.device)
+    if budget:  # phase 1 must leave phase 2 its time (its share of the default budget)
+        r.phase_deadline = r.deadline - budget * (mode["phase_2"] / mode["budget"] if mode["budget"] else 0.4)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    device_line = f"{where} | torch {torch.__version__} | python {sys.version.split()[0]}"
+    print(f"GPU check: {device_line} | models: {', '.join(specs)}", flush=True)
+    (logs / "run.json").write_text(json.dumps({"device": device_line, "models": specs, "argv": sys.argv[1:],
+                                               "shapes": mode["shapes"], "loss_drop": mode["loss_drop"]}, indent=1))
+    steps = args.only.split(",") if args.only else ["equivalence", "explain", "train", "bench", "profile"]
+    t0 = time.time()
+    data_dir = work / "data"  # the offline corpus, capped: the runs are short
+    r.run("prepare_data", [sys.executable, "prepare_data.py", f"--data_dir={data_dir}", "--max_tokens=3000000"])
+
+    # phase 1, side by side: equivalence, explain, train, and bench's compilation into the cache
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "4"  # many processes compile at once
+    big = threading.Semaphore(mode["big_workers"])  # the largest shape's compile-and-run, a few at a time
+
+    def warm(shape_name, spec):
+        with big if shape_name == "gpt2_small" else contextlib.nullcontext():
+            return bench(r, mode, shape_name, [spec], warm=True)
+
+    with ThreadPoolExecutor(mode["workers"]) as pool:
+        jobs = []
+        if "equivalence" in steps:
+            jobs.append(pool.submit(equivalence, r, mode))
+        if "explain" in steps:
+            jobs.append(pool.submit(explain, r, specs))
+        first = sorted(specs, key=lambda spec: spec not in ("dcmha", "dca"))  # the slowest compiles first
+        warms = {(shape_name, spec): pool.submit(warm, shape_name, spec) for shape_name in reversed(list(mode["shapes"]))
+                 for spec in first} if "bench" in steps else {}
+        if "train" in steps:
+            jobs += [pool.submit(train, r, mode, spec, data_dir, work) for spec in specs]
+        [job.result() for job in jobs]
+        warmed = {key: w.result() for key, w in warms.items()}
+    print(f"phase 1 done in {time.time() - t0:.0f} s", flush=True)
+
+    # phase 2, alone on the device: the timed benches (of the models that compiled), then the profiles
+    r.phase_deadline = float("inf")
+    for shape_name in reversed(list(mode["shapes"])) if "bench" in steps else []:
+        ready = [spec for spec in specs if warmed[shape_name, spec] == 0]
+        if "gpt" in ready:
+            bench(r, mode, shape_name, ready, warm=False)
+    for spec in mode["profile"] if "profile" in steps else []:
+        profile(r, mode, spec, list(mode["shapes"])[-1])
+    print(f"all steps done in {time.time() - t0:.0f} s", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("out", help="folder for summary.json, table.md and logs.tar.gz")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default: cuda 500, cpu none)")
+    parser.add_argument("--models", default="", help="comma-separated specs (default: every model and dca:dca_k=2)")
+    parser.add_argument("--only", default="", help="comma-separated steps to run (default: all): "
+                        "equivalence, explain, train, bench, profile")
+    parser.add_argument("--report", default="", help="make table.md and summary.json from this folder of logs; run nothing")
+    parser.add_argument("--explain", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    specs = args.models.split(",") if args.models else model_specs()
+    if args.explain:
+        return explain_models(args.device, specs, args.out)
+    if args.profile:
+        return profile_model(args.device, args.profile, json.loads(args.shape), args.out)
+    out = Path(args.out)
+    if args.report:
+        table, passed = report(out, Path(args.report))
+        print(table)
+        sys.exit(0 if passed else 1)
+
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device here; run with --device=cpu to test the script on the CPU")
+    logs, work = out / "logs", out / "work"
+    for folder in (logs, work):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    run_steps(args, specs, MODES[args.device], logs, work)
+    table, passed = report(out, logs)
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:  # one file to carry back
+        tar.add(logs, arcname="logs")
+    shutil.rmtree(work, ignore_errors=True)
+    print(table)
+    sys.exit(0 if passed else 1)
+
+
+if __name__ == "__main__":
+    main()
