@@ -33,7 +33,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -121,13 +123,15 @@ def environment():
 
 def read_log(path):
     """log.jsonl -> records, one per step: a resumed run re-logs the steps after its last
-    checkpoint, and the later record of a step wins."""
+    checkpoint, and the later record of a step wins. Records without a step (train.py's
+    {"event": "start", ...} at every start) are skipped."""
     by_step = {}
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
-                by_step[record["step"]] = record
+                if "step" in record:
+                    by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -146,38 +150,52 @@ def run_grid(args, train_flags, results):
         if finished(read_log(results / "runs" / name / "log.jsonl"), facts["max_iters"]):
             continue
         todo.append((name, spec, seed, length, argv, facts))
-    print(f"compare {args.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to train")
-    t_start, done_seconds = time.time(), []
-    for i, (name, spec, seed, length, argv, facts) in enumerate(todo):
-        out_dir = out_root / name
+    print(f"compare {args.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to train"
+          + (f", {args.jobs} at a time" if args.jobs > 1 else ""), flush=True)
+    progress = {"started": 0, "seconds": [], "t_start": time.time(), "lock": threading.Lock(), "jobs": args.jobs}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        failures = [f for f in pool.map(lambda item: train_run(item, out_root, results, len(todo), progress), todo) if f]
+    if failures:
+        sys.exit("\n".join(failures) + "\n  rerun this command to resume the grid (finished runs are kept)")
+    print(f"grid done in {format_time(time.time() - progress['t_start'])}")
+
+
+def train_run(item, out_root, results, total, progress):
+    """Train (or resume) one run of the grid and copy its files into results; -> an error line or None."""
+    name, spec, seed, length, argv, facts = item
+    out_dir = out_root / name
+    log = read_log(out_dir / "log.jsonl")
+    t0 = time.time()
+    if not finished(log, facts["max_iters"]):  # (a finished one was only not copied yet)
+        resume = (out_dir / "ckpt.pt").exists()
+        if not resume and out_dir.exists():
+            shutil.rmtree(out_dir)  # a run that never saved a checkpoint starts again, from scratch
+        with progress["lock"]:
+            progress["started"] += 1
+            done = progress["seconds"]
+            left = total - progress["started"] + 1
+            eta = f" | grid ETA {format_time(sum(done) / len(done) * left / progress['jobs'])}" if done else ""
+            print(f"[{progress['started']}/{total}] {name}: "
+                  f"{'resuming at step ' + str(log[-1]['step']) if resume and log else 'training'}{eta}", flush=True)
+        command = [sys.executable, "train.py", *argv] + (["--init_from=resume"] if resume else [])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "train.log", "a") as f:
+            code = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            tail = (out_dir / "train.log").read_text().strip().splitlines()[-1:]
+            return f"error: {name} failed (exit {code}): {tail[0] if tail else ''} (its output: {out_dir / 'train.log'})"
+        with progress["lock"]:
+            progress["seconds"].append(time.time() - t0)
         log = read_log(out_dir / "log.jsonl")
-        t0 = time.time()
-        if not finished(log, facts["max_iters"]):  # (a finished one was only not copied yet)
-            resume = (out_dir / "ckpt.pt").exists()
-            if not resume and out_dir.exists():
-                shutil.rmtree(out_dir)  # a run that never saved a checkpoint starts again, from scratch
-            eta = "" if not done_seconds else f" | grid ETA {format_time(sum(done_seconds) / len(done_seconds) * (len(todo) - i))}"
-            print(f"[{i + 1}/{len(todo)}] {name}: {'resuming at step ' + str(log[-1]['step']) if resume and log else 'training'}"
-                  f"{eta}", flush=True)
-            command = [sys.executable, "train.py", *argv] + (["--init_from=resume"] if resume else [])
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with open(out_dir / "train.log", "a") as f:
-                code = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-            if code != 0:
-                tail = (out_dir / "train.log").read_text().strip().splitlines()[-1:]
-                sys.exit(f"error: {name} failed (exit {code}): {tail[0] if tail else ''}\n"
-                         f"  its output is in {out_dir / 'train.log'}; rerun this command to resume the grid")
-            done_seconds.append(time.time() - t0)
-            log = read_log(out_dir / "log.jsonl")
-        keep = results / "runs" / name
-        keep.mkdir(parents=True, exist_ok=True)
-        (keep / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-        run_info = {"run": name, "model": spec, "seed": seed, "length": length,
-                    "command": "python " + " ".join(["train.py", *argv]), **facts, **environment(),
-                    "seconds_this_sitting": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        (keep / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
-        print(f"    {name}: val {log[-1]['val']:.4f} after {log[-1]['step']} steps ({format_time(time.time() - t0)})", flush=True)
-    print(f"grid done in {format_time(time.time() - t_start)}")
+    keep = results / "runs" / name
+    keep.mkdir(parents=True, exist_ok=True)
+    (keep / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    run_info = {"run": name, "model": spec, "seed": seed, "length": length,
+                "command": "python " + " ".join(["train.py", *argv]), **facts, **environment(),
+                "seconds_this_sitting": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (keep / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
+    print(f"    {name}: val {log[-1]['val']:.4f} after {log[-1]['step']} steps ({format_time(time.time() - t0)})", flush=True)
+    return None
 
 
 def format_time(seconds):
@@ -448,6 +466,7 @@ def parse_args(argv):
     parser.add_argument("--results", default="results", help="folder of the committed results")
     parser.add_argument("--summary", action="store_true", help="only make table.md, summary.json and the plots from the logs")
     parser.add_argument("--markdown", action="store_true", help="print table.md when done")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. 2 on a 2-core CPU with OMP_NUM_THREADS=1)")
     args, train_flags = parser.parse_known_args(argv)
     bad = [f for f in train_flags if not re.match(r"--\w+=", f)]
     if bad:
@@ -461,6 +480,8 @@ def parse_args(argv):
         parser.error("--seeds are integers and --lengths numbers, comma-separated")
     if any(x <= 0 for x in args.lengths):
         parser.error("--lengths must be > 0")
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
     return args, train_flags
 
 

@@ -1,0 +1,168 @@
+"""compare.py: the grid, its resumption, its statistics, and the FLOPs it counts."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import compare  # noqa: E402
+import gpt  # noqa: E402
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+        "--log_interval=2", "--warmup_iters=2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    subprocess.run([sys.executable, "prepare_data.py", f"--data_dir={d}", "--max_tokens=300000"], cwd=ROOT, check=True,
+                   capture_output=True)
+    return d
+
+
+def compare_cmd(tmp, data_dir, *extra):
+    return [sys.executable, "compare.py", f"--results={tmp / 'results'}", f"--data_dir={data_dir}",
+            f"--out_dir={tmp / 'out'}", *TINY, *extra]
+
+
+def test_tiny_grid_makes_the_table_summary_and_plots(data_dir, tmp_path):
+    cmd = compare_cmd(tmp_path, data_dir, "--name=tiny", "--models=gpt,dca:dca_k=1", "--seeds=1,2",
+                      "--lengths=0.5,2", "--max_iters=8", "--eval_interval=4")
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "results" / "tiny"
+    for name in ("table.md", "summary.json", "loss_vs_step.png", "loss_vs_flops.png", "loss_vs_time.png", "delta_vs_gpt.png"):
+        assert (out / name).stat().st_size > 0, name
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["dca-dca_k-1-s1", "dca-dca_k-1-s2", "gpt-s1", "gpt-s2", "gpt-x0.5-s1", "gpt-x0.5-s2", "gpt-x2-s1", "gpt-x2-s2"]
+    info = json.loads((out / "runs" / "gpt-x2-s1" / "run.json").read_text())
+    assert info["max_iters"] == 16 and "--lr_decay_iters=16" in info["command"] and info["torch"] == torch.__version__
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert set(rows) == {"gpt", "dca:dca_k=1"} and rows["dca:dca_k=1"]["seeds"] == [1, 2]
+    assert rows["dca:dca_k=1"]["welch_p"] is not None and summary["fit"] is not None
+    assert "| `dca:dca_k=1` |" in (out / "table.md").read_text()
+    # the summary again, from the files alone (the out_dir with its checkpoints gone)
+    subprocess.run(["rm", "-rf", str(tmp_path / "out")], check=True)
+    again = subprocess.run([sys.executable, "compare.py", "--name=tiny", f"--results={tmp_path / 'results'}", "--summary"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "summary.json").read_text())["rows"] == summary["rows"]
+
+
+def test_a_killed_grid_resumes_without_redoing_finished_runs(data_dir, tmp_path):
+    cmd = compare_cmd(tmp_path, data_dir, "--name=kill", "--models=gpt,resformer", "--seeds=1",
+                      "--max_iters=60", "--eval_interval=5")
+    runs = tmp_path / "results" / "kill" / "runs"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.time() + 300
+    second = tmp_path / "out" / "kill" / "resformer-s1" / "ckpt.pt"
+    while not ((runs / "gpt-s1" / "run.json").exists() and second.exists()) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # compare.py and its train.py, mid-way through the second run
+    proc.wait()
+    assert (runs / "gpt-s1" / "run.json").exists() and not (runs / "resformer-s1").exists()
+    first = (runs / "gpt-s1" / "run.json").read_text()
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 already finished, 1 to train" in result.stdout and "resformer-s1: resuming at step" in result.stdout
+    assert (runs / "gpt-s1" / "run.json").read_text() == first  # not trained again
+    log = compare.read_log(runs / "resformer-s1" / "log.jsonl")
+    logged = sorted(set(range(2, 61, 2)) | set(range(5, 61, 5)))
+    assert [r["step"] for r in log] == logged  # one record per step, the resumed ones once
+
+
+def test_bad_train_flags_fail_before_anything_trains(data_dir, tmp_path):
+    result = subprocess.run(compare_cmd(tmp_path, data_dir, "--name=bad", "--models=gpt,dca:dca_k=x"), cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "dca_k" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "bad").exists()
+    result = subprocess.run(compare_cmd(tmp_path, data_dir, "--name=bad", "--seed=3"), cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and "--seeds" in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# the statistics, on synthetic runs whose answers are known
+
+def write_run(folder, model, seed, finals, length=1.0, flops_per_token=1e6, tokens_per_step=1000, max_iters=100):
+    """A finished run whose val curve ends at finals[-1] (evals every max_iters/len(finals) steps)."""
+    folder.mkdir(parents=True)
+    steps = [round(max_iters * (i + 1) / len(finals)) for i in range(len(finals))]
+    records = [{"step": s, "loss": v, "lr": 1e-3, "ms": 10.0, "tok_per_s": 1e5, "time": s * 0.01, "val": v}
+               for s, v in zip(steps, finals)]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "run.json").write_text(json.dumps({"run": folder.name, "model": model, "seed": seed, "length": length,
+                                                 "params": 1000, "flops_per_token": flops_per_token,
+                                                 "tokens_per_step": tokens_per_step, "max_iters": max_iters,
+                                                 "bytes_per_token": 1.0}))
+
+
+def test_welch_p_value_of_a_known_case(tmp_path):
+    # a = 1, 2, 3 and b = 4, 5, 6: t = -3 / sqrt(1/3 + 1/3) = -3.674 with 4 degrees of freedom, p = 0.0213
+    assert abs(compare.welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) - 0.0213) < 5e-4
+    for seed, (g, m) in enumerate([(4.0, 1.0), (5.0, 2.2), (6.0, 2.8)], start=1):
+        write_run(tmp_path / "runs" / f"gpt-s{seed}", "gpt", seed, [9.0, g])
+        write_run(tmp_path / "runs" / f"x-s{seed}", "x", seed, [9.0, m])
+    summary = compare.summarize(compare.load_runs(tmp_path), ["gpt", "x"])
+    row = next(r for r in summary["rows"] if r["model"] == "x")
+    # x = 1, 2.2, 2.8 (mean 2, var 0.84): t = -3 / sqrt(1/3 + 0.84/3), 3.7 degrees of freedom
+    t, dof = -3 / math.sqrt(1 / 3 + 0.84 / 3), (1 / 3 + 0.84 / 3) ** 2 / ((1 / 3) ** 2 / 2 + (0.84 / 3) ** 2 / 2)
+    from scipy import stats
+    assert abs(row["welch_p"] - 2 * stats.t.sf(abs(t), dof)) < 1e-9
+    assert 0 < row["paired_p"] < 0.05  # the differences 3, 2.8, 3.2 are far from 0 for their spread
+    assert abs(row["delta"] + 3.0) < 1e-12 and abs(row["bpb_mean"] - 2.0 / math.log(2)) < 1e-12
+    assert row["time_to_gpt_loss"] is not None and row["time_to_gpt_loss"] < 1  # it passes gpt's 5.0 early
+
+
+def test_compute_multiplier_of_a_shifted_power_law(tmp_path):
+    """The baseline follows L(C) = 2 (C/1e11)^-0.3 + 1 at three lengths; a model whose loss is the
+    baseline's at 1.5x the compute, with the same FLOPs per token, has a multiplier of 1.5."""
+    law = lambda c: 2 * (c / 1e11) ** -0.3 + 1  # noqa: E731
+    flops_per_step = 1e6 * 1000
+    for length, iters in ((0.5, 50), (1.0, 100), (2.0, 200)):
+        for seed in (1, 2):
+            name = "gpt-s%d" % seed if length == 1.0 else f"gpt-x{length:g}-s{seed}"
+            write_run(tmp_path / "runs" / name, "gpt", seed, [9.0, law(iters * flops_per_step)], length=length, max_iters=iters)
+    target = law(1.5 * 100 * flops_per_step)
+    for seed in (1, 2):
+        write_run(tmp_path / "runs" / f"m-s{seed}", "m", seed, [9.0, target])
+    summary = compare.summarize(compare.load_runs(tmp_path), ["gpt", "m"])
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert abs(summary["fit"]["b"] - 0.3) < 1e-3 and abs(summary["fit"]["c"] - 1) < 1e-3
+    assert abs(rows["m"]["compute_multiplier"] - 1.5) < 0.01 and not rows["m"]["multiplier_extrapolated"]
+    assert abs(rows["gpt"]["compute_multiplier"] - 1.0) < 0.01
+
+
+# -----------------------------------------------------------------------------
+# the FLOPs every model claims, against PyTorch's count of one forward
+
+FLOP_CASES = [(name, {}) for name in gpt.all_models()] + [
+    ("dca", {"dca_k": 2}), ("dca", {"grn": "v1"}), ("dcmha", {"dc_static": True}), ("dcmha", {"dc_key_wise": False})]
+
+
+@pytest.mark.parametrize("name,overrides", FLOP_CASES, ids=lambda x: str(x))
+def test_flops_per_token_matches_the_flop_counter(name, overrides):
+    """flops_per_token() / 3 (the forward) against torch.utils.flop_counter over one forward,
+    with SDPA's math path so that the attention matmuls are counted too. What the counter does
+    not see (elementwise sums, gates) is a few percent at most."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    config_class, model_class = gpt.all_models()[name]
+    model = model_class(config_class(model=name, n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=256,
+                                     **overrides))
+    idx = torch.randint(0, 256, (2, 64))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(idx)
+    counted = counter.get_total_flops() / idx.numel()
+    claimed = model.flops_per_token(64) / 3
+    assert abs(claimed / counted - 1) < 0.05, f"{name} {overrides}: claims {claimed:.0f} FLOPs/token, counted {counted:.0f}"
