@@ -15,9 +15,9 @@ once on the logits before the softmax ("pre") and once on the probabilities afte
 block's normed input x by a small GELU network, separately for the four sets {pre, post} x
 {query-wise, key-wise}. Their initialisation is tiny, so DCMHA starts as plain MHA.
 
-W_ts is never built per (t, s): it is a query part Q_t = I + qw1_tᵀ qw2_t + diag(qdd_t)
-(+ W_b) plus a key part K_s = kw1_sᵀ kw2_s + diag(kdd_s), and each part is applied to the
-scores with one batched N x N matmul per token. Fused attention kernels cannot be used (the
+W_ts is never built per (t, s): it is I, plus a query part Q_t = qw1_tᵀ qw2_t + diag(qdd_t)
+(+ W_b), plus a key part K_s = kw1_sᵀ kw2_s + diag(kdd_s); each part is applied to the
+scores with one batched N x N matmul per token, and the identity as a plain sum. Fused attention kernels cannot be used (the
 score tensor must exist to be composed); queries are processed in chunks, so the transient
 (B, chunk, N, S) score tensors bound the memory, and no chunk computes scores for keys that
 its queries cannot see.
@@ -78,11 +78,14 @@ class DCMHAConfig(gpt.GPTConfig):
 
 
 def compose(a, query_mix, key_mix):
-    """The paper's Compose (Fig. 2): out[b, t, :, s] = a[b, t, :, s] · W_ts, W_ts = Q_t + K_s.
+    """The paper's Compose (Fig. 2): out[b, t, :, s] = a[b, t, :, s] · W_ts, W_ts = I + Q_t + K_s.
     a (B, T, N, S): the scores of a query t are one N x S matrix, so a_ts · Q_t for every s is
     one matmul; a_ts · K_s for every t is one matmul on the scores laid out by key.
-    query_mix Q (B, T, N, N) or None (= I), key_mix K (B, S, N, N) or None (= 0)."""
-    out = a if query_mix is None else query_mix.mT @ a                              # (B, T, N, S)
+    query_mix Q (B, T, N, N) or None (= 0), key_mix K (B, S, N, N) or None (= 0).
+    The identity is never inside a matmul: a + a·Q, not a·(I + Q). Under bf16 autocast a matmul
+    rounds its operands to 8 bits of mantissa, where 1 + q == 1 for every |q| < 1/256, and the
+    dynamic weights start far smaller (~1e-3)."""
+    out = a if query_mix is None else a + query_mix.mT @ a                          # (B, T, N, S)
     if key_mix is not None:
         by_key = a.permute(0, 3, 1, 2).contiguous()                                 # (B, S, T, N), a copy
         out = out + (by_key @ key_mix).permute(0, 2, 3, 1)                          # (B, T, N, S)
@@ -131,7 +134,7 @@ class DCMHAttention(gpt.CausalSelfAttention):
         return factors.view(B, T, len(self.stages), len(self.sides), 2 * R + 1, N)
 
     def mixing_matrices(self, x, ctx):
-        """Per stage, the query part Q_t (B, T, N, N) or None (= I) and the key part K_s
+        """Per stage, the query part Q_t (B, T, N, N) or None (= 0) and the key part K_s
         (B, S, N, N) or None of W_ts. When decoding, the key factors of all S cached keys
         come from the cache."""
         factors = self.dynamic_factors(x) if self.sides else None
@@ -147,8 +150,7 @@ class DCMHAttention(gpt.CausalSelfAttention):
                 query_mix = mixing_matrix(factors[:, :, i, 0])                      # (B, T, N, N)
             if hasattr(self, "Wb"):
                 query_mix = self.Wb[i] if query_mix is None else query_mix + self.Wb[i]
-            if query_mix is not None:  # the identity of W_ts rides on the query part
-                query_mix = query_mix + torch.eye(query_mix.size(-1), dtype=x.dtype, device=x.device)
+            if query_mix is not None:  # W_ts's identity is added in compose, outside the matmul
                 query_mix = query_mix.expand(x.size(0), x.size(1), -1, -1)  # (B, T, N, N), also a lone W_b
             if key_factors is not None:
                 key_mix = mixing_matrix(key_factors[:, :, i])                       # (B, S, N, N)
