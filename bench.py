@@ -24,7 +24,8 @@ from dataclasses import fields
 import torch
 
 import gpt
-from train import device_name, peak_flops, str2bool  # the flag parser's reading of true / false
+from train import ArgumentParser, UserError, device_name, peak_flops, resolve_device
+from train import str2bool  # the flag parser's reading of true / false
 
 
 def parse_spec(spec):
@@ -93,7 +94,7 @@ def memory_probe(spec, args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = ArgumentParser(prog="bench.py", description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     parser.add_argument("--models", default="", help="comma-separated model[:key=value;key=value] specs; default: all")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--block_size", type=int, default=256)
@@ -115,11 +116,20 @@ def main():
     args = parser.parse_args()
     if args.memory_probe:
         return memory_probe(args.memory_probe, args)
+    for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size", "repeats"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key}={getattr(args, key)} must be >= 1")
+    for key in ("warmup", "peak_flops"):
+        if not getattr(args, key) >= 0:
+            raise UserError(f"--{key}={getattr(args, key)} must be >= 0")
+    if args.models and not all(args.models.split(",")):
+        raise UserError(f"--models={args.models} has an empty spec; give comma-separated model[:key=value] specs")
 
     specs = args.models.split(",") if args.models else list(gpt.all_models())
     if "gpt" not in specs and not args.warm_cache:
         specs.insert(0, "gpt")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                            "cpu" if args.device == "auto" else args.device)
     if args.warm_cache:
         for spec in specs:
             model, _, _ = build(spec, args, device)
@@ -189,4 +199,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

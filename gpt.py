@@ -283,9 +283,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
-        """Sample max_new_tokens after idx (B, T). With use_cache, a KVCache makes each step
-        cost one token; when the context would pass block_size, the cache is rebuilt from
-        the last block_size/2 tokens (without the cache, the context is cropped each step)."""
+        """Sample max_new_tokens after idx (B, T); returns idx with them appended."""
+        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, use_cache, generator))
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
+        """Yield each new (B, 1) token as soon as it is sampled (sample.py streams them). With
+        use_cache, a KVCache makes each step cost one token; when the context would pass
+        block_size, the cache is rebuilt from the last block_size/2 tokens (without the cache,
+        the context is cropped each step)."""
         cache = None
         for _ in range(max_new_tokens):
             if not use_cache:
@@ -307,7 +314,7 @@ class GPT(nn.Module):
                 probs = F.softmax(logits, dim=-1)
                 idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+            yield idx_next
 
     def no_decay_param_names(self):
         """Names of >=2-D parameters that still get no weight decay. Variants extend this."""

@@ -11,16 +11,19 @@ python prepare_data.py --text=path/to/file_or_folder
 Read the result with np.memmap(path, dtype=np.uint16, mode="r").
 
 Documents: every file (stdlib, --text folder) or streamed record is one document. The val
-split is the last val_fraction of the documents; a corpus of a single document (shakespeare,
-one --text file) is split by tokens instead. gpt2 puts EOT (50256) after every document;
-byte has no EOT, so a document that does not end with a newline gets one.
+split is the last val_fraction of the tokens (the document at the cut is cut in two). gpt2
+puts EOT (50256) after every document; byte has no EOT, so a document that does not end with
+a newline gets one.
 
-Every file is written to a temporary name and renamed into place, and meta.json is written
-last: a dataset directory is complete if and only if it has a meta.json.
+A dataset is built in a hidden folder beside its place (data/.<name>.building-<pid>) and moved
+into place only when complete: data/<name> is always a whole dataset, and --force replaces the
+old one only once the new one is done.
 """
 import argparse
 import json
 import os
+import re
+import shutil
 import sys
 import sysconfig
 import time
@@ -51,7 +54,10 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids):
-        return np.asarray(ids, dtype=np.uint8).tobytes().decode("utf-8", errors="replace")
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids):
+        return np.asarray(ids, dtype=np.uint8).tobytes()
 
 
 class TiktokenTokenizer:
@@ -67,6 +73,9 @@ class TiktokenTokenizer:
 
     def decode(self, ids):
         return self.encoding.decode([int(i) for i in ids], errors="replace")
+
+    def decode_bytes(self, ids):
+        return self.encoding.decode_bytes([int(i) for i in ids])
 
 
 def get_tokenizer(name):
@@ -186,38 +195,37 @@ def describe(source, text=None):
 def tokenize(docs, tok, max_tokens=None):
     """One uint16 array per document, stopping after max_tokens tokens in total."""
     arrays, n_tokens, last_print = [], 0, 0.0
+    progress = sys.stderr.isatty()  # a progress line for people; logs and pipes get only the result
     for doc in docs:
         if tok.eot_token is None and not doc.endswith("\n"):
             doc += "\n"
         ids = tok.encode(doc)
         if tok.eot_token is not None:
             ids.append(tok.eot_token)
+        if ids and max(ids) >= tok.vocab_size:
+            sys.exit(f"error: the {tok.name} tokenizer made token id {max(ids)} >= its vocab_size {tok.vocab_size}")
         if max_tokens is not None:
             ids = ids[:max_tokens - n_tokens]
         arrays.append(np.array(ids, dtype=np.uint16))
         n_tokens += len(ids)
-        if time.time() - last_print > 0.5:
+        if progress and time.time() - last_print > 0.5:
             print(f"\rtokenizing: {len(arrays):,} docs, {n_tokens:,} tokens", end="", file=sys.stderr)
             last_print = time.time()
         if max_tokens is not None and n_tokens >= max_tokens:
             break
-    print(f"\rtokenizing: {len(arrays):,} docs, {n_tokens:,} tokens", file=sys.stderr)
+    if progress:
+        print(f"\rtokenizing: {len(arrays):,} docs, {n_tokens:,} tokens", file=sys.stderr)
     return arrays
 
 
 def split(arrays, val_fraction):
-    """(train, val): the last val_fraction of the documents, or of the tokens if only one."""
-    parts = arrays[0] if len(arrays) == 1 else arrays  # one document is split at a token
-    n_train = len(parts) - min(max(1, round(len(parts) * val_fraction)), len(parts) - 1)
-    if len(arrays) == 1:
-        train, val = parts[:n_train], parts[n_train:]
-    else:
-        empty = [np.zeros(0, dtype=np.uint16)]
-        train, val = np.concatenate(parts[:n_train] + empty), np.concatenate(parts[n_train:] + empty)
-    if len(train) == 0 or len(val) == 0:
+    """(train, val): val is the last val_fraction of the tokens, at least one."""
+    tokens = np.concatenate(arrays + [np.zeros(0, dtype=np.uint16)])
+    if len(tokens) < 2:
         sys.exit(f"error: the corpus is too small to split into train and val "
-                 f"({len(train) + len(val)} tokens); give it more text")
-    return train, val
+                 f"({len(tokens)} tokens); give it more text")
+    n_val = min(max(1, round(len(tokens) * val_fraction)), len(tokens) - 1)
+    return tokens[:-n_val], tokens[-n_val:]
 
 
 def write_atomic(path, write):
@@ -260,13 +268,21 @@ def prepare(source="stdlib", tokenizer="byte", name=None, text=None, max_tokens=
     if name is None:
         name = Path(text).resolve().stem if source == "text" else {"stdlib": "pystdlib"}.get(source, source)
         name += "" if tok.name == "byte" else f"-{tok.name}"
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        sys.exit(f"error: --name={name!r} must be a folder name (no /, \\ or leading .): the dataset "
+                 f"goes inside --data_dir={data_dir}")
     out_dir = os.path.join(data_dir, name)
     meta_path = os.path.join(out_dir, "meta.json")
     settings = dict(tokenizer=tok.name, source=describe(source, text), max_tokens=max_tokens,
                     val_fraction=val_fraction)
+    for folder in (data_dir, out_dir):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            sys.exit(f"error: {folder} is a file; give another --name or --data_dir")
     if os.path.exists(meta_path) and not force:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        try:
+            meta = read_meta(out_dir)
+        except ValueError as e:
+            sys.exit(f"error: {e}; rebuild it with --force")
         if all(meta.get(k) == v for k, v in settings.items()):
             print(f"{out_dir} already prepared ({meta['train_tokens']:,} train tokens); "
                   "use --force to rebuild")
@@ -275,21 +291,118 @@ def prepare(source="stdlib", tokenizer="byte", name=None, text=None, max_tokens=
                  f"{meta.get('tokenizer')}); use --force to rebuild it or --name=NEW")
 
     print(f"preparing {out_dir} from {settings['source']} with the {tok.name} tokenizer")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # the directory is incomplete until the new meta.json lands
     train, val = split(tokenize(source_docs(source, text), tok, max_tokens), val_fraction)
-    os.makedirs(out_dir, exist_ok=True)
-    write_atomic(os.path.join(out_dir, "train.bin"), train.tofile)
-    write_atomic(os.path.join(out_dir, "val.bin"), val.tofile)
-    meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, train_tokens=len(train),
-                val_tokens=len(val), eot_token=tok.eot_token) | settings
-    write_atomic(meta_path, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8")))
+    remove_stale_builds(data_dir, name)
+    build = os.path.join(data_dir, f".{name}.building-{os.getpid()}")
+    try:
+        os.makedirs(build)
+        write_atomic(os.path.join(build, "train.bin"), train.tofile)
+        write_atomic(os.path.join(build, "val.bin"), val.tofile)
+        meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, train_tokens=len(train),
+                    val_tokens=len(val), eot_token=tok.eot_token, val_split="tokens") | settings
+        write_atomic(os.path.join(build, "meta.json"),
+                     lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8")))
+        swap_in(build, out_dir)
+    finally:
+        if os.path.exists(build):
+            shutil.rmtree(build)
     print(f"wrote {out_dir}: {len(train):,} train + {len(val):,} val tokens")
     return out_dir
 
 
+def swap_in(build, out_dir):
+    """Move a finished build to out_dir. An old dataset there is moved aside first and removed
+    only once the new one is in place."""
+    old = build + ".old"
+    if os.path.lexists(out_dir):
+        os.rename(out_dir, old)
+    try:
+        os.rename(build, out_dir)
+    except OSError:
+        if os.path.lexists(old):
+            os.rename(old, out_dir)
+        raise
+    if os.path.islink(old):
+        os.remove(old)
+    elif os.path.lexists(old):
+        shutil.rmtree(old)
+
+
+def remove_stale_builds(data_dir, name):
+    """Clean up after a killed build (its pid is gone): its half-written folder goes; an old
+    dataset it had moved aside goes back in place if nothing replaced it."""
+    if not os.path.isdir(data_dir):
+        return
+    for entry in sorted(os.listdir(data_dir)):
+        m = re.fullmatch(rf"\.{re.escape(name)}\.building-(\d+)(\.old)?", entry)
+        if not m or pid_alive(int(m.group(1))):
+            continue
+        path, out_dir = os.path.join(data_dir, entry), os.path.join(data_dir, name)
+        if m.group(2) and not os.path.lexists(out_dir):
+            os.rename(path, out_dir)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+# -----------------------------------------------------------------------------
+# reading a prepared dataset back (train.py checks what it opens with these)
+
+def read_meta(folder):
+    """meta.json of a prepared dataset; ValueError (one line) if it cannot be used."""
+    path = os.path.join(folder, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({str(e).splitlines()[0]})")
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e.strerror})")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds no key/value pairs")
+    vocab = meta.get("vocab_size")
+    if not isinstance(meta.get("tokenizer"), str) or isinstance(vocab, bool) or not isinstance(vocab, int) \
+            or not 1 <= vocab <= 65536:
+        raise ValueError(f"{path} needs a tokenizer name and an integer vocab_size in 1..65536, has "
+                         f"tokenizer={meta.get('tokenizer')!r} vocab_size={vocab!r}")
+    return meta
+
+
+def check_tokens(path, vocab_size, chunk=1 << 16, max_chunks=256):
+    """ValueError (one line) unless path is a file of uint16 token ids < vocab_size. A big file is
+    checked in max_chunks chunks spread over it, a small one whole."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e.strerror})")
+    if size == 0 or size % 2:
+        raise ValueError(f"{path} has {size} bytes: {'empty' if size == 0 else 'not a whole number of uint16 tokens'}")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    starts = range(0, len(data), chunk)
+    if len(starts) > max_chunks:
+        starts = np.linspace(0, len(data) - chunk, max_chunks).astype(np.int64)
+    for start in starts:
+        top = int(data[start:start + chunk].max())
+        if top >= vocab_size:
+            raise ValueError(f"{path} holds token id {top} (near token {start:,}) >= vocab_size {vocab_size}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the whole usage
+        sys.exit(f"error: {message} (python prepare_data.py -h lists the flags)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+    parser = ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="stdlib",
                         help=f"one of: {', '.join(SOURCES)} (default: stdlib, offline)")
@@ -300,11 +413,19 @@ def main(argv=None):
                         help="a local text file (one document) or folder (every text file in it)")
     parser.add_argument("--max_tokens", type=int, default=None,
                         help=f"token budget (default: all; {HUB_MAX_TOKENS:,} for {', '.join(HUB_SOURCES)})")
-    parser.add_argument("--val_fraction", type=float, default=0.05, help="fraction of the documents held out for val")
-    parser.add_argument("--data_dir", default="data")
-    parser.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+    parser.add_argument("--val_fraction", type=float, default=0.05,
+                        help="fraction of the tokens held out for val, at the end (default: 0.05)")
+    parser.add_argument("--data_dir", default="data", help="the folder of the datasets (default: data)")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild even if already prepared (the old dataset stays until the new one is done)")
     args = parser.parse_args(argv)
-    prepare(**vars(args))
+    try:
+        prepare(**vars(args))
+    except OSError as e:  # a full disk, no permission: nothing was changed
+        sys.exit(f"error: could not write {e.filename or args.data_dir} ({e.strerror or e}); nothing was changed")
+    except KeyboardInterrupt:
+        print("interrupted; nothing was changed", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def train_run(data_dir, out_dir, *args):
     except BaseException as e:
         raise RuntimeError(f"train.py {' '.join(argv)} failed: {type(e).__name__}: {e}\n{output.getvalue()}") from e
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [r for r in map(json.loads, f) if "step" in r]  # not the {"event": "start"} records
 
 
 def max_loss_diff(a, b):
