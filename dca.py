@@ -32,6 +32,12 @@ Options (the paper's ablations):
   grn_norm       the LayerNorm n on GRN-v3's gate input (on by default, see the spec)
   grn_relu_bias  relu(b + w·n(s)) (the appendix's reading) instead of b + relu(w·n(s)) (the
                  formula, default)
+  grn_weight_decay   decay the GRNs' b and w like any weight, as the paper's Flax lm1b recipe
+                 does (optax.adamw decays every parameter); default off: decay pulls b off its
+                 identity value 1
+  gate_grad_at_zero  the gate relu's derivative at exactly 0: 1 (ours, default), 0 (torch.relu,
+                 jax.nn.relu: w never leaves 0 and GRN-v3 silently becomes GRN-v2), 0.5
+                 (jnp.maximum(x, 0)). The forward pass is the same for every value.
 
 Efficiency. The stack is a Python list: an entry is made once and read in place by every
 later GRN, never copied into an (m, B, T, d) tensor. The weighted sums are StackSum, whose
@@ -66,6 +72,8 @@ class DCAConfig(gpt.GPTConfig):
     dca_k: int = 0               # k-DCA keeps e, one sum slot and the last k outputs; 0 = full DCA
     grn_norm: bool = True        # LayerNorm on GRN-v3's gate input
     grn_relu_bias: bool = False  # relu(b + w·n(s)) instead of b + relu(w·n(s))
+    grn_weight_decay: bool = False   # decay GRN b and w (the paper's Flax recipe decays everything)
+    gate_grad_at_zero: float = 1.0   # d relu/dz at z = 0: 1 ours, 0 torch/jax relu, 0.5 jnp.maximum
 
     def validate(self):
         super().validate()
@@ -84,6 +92,12 @@ class DCAConfig(gpt.GPTConfig):
 def gate_relu(z):
     """max(z, 0) whose gradient at z = 0 is 1, not 0, so that w trains from w = 0 (see top)."""
     return torch.where(z >= 0, z, 0.0)
+
+
+def relu_with_grad_at_zero(z, grad):
+    """max(z, 0) whose gradient at z = 0 is grad (gate_grad_at_zero != 1): the value there is
+    grad * 0 = 0, so the forward pass equals gate_relu's."""
+    return torch.where(z > 0, z, torch.where(z == 0, grad * z, 0.0))
 
 
 class StackSum(torch.autograd.Function):
@@ -162,6 +176,7 @@ class GRN(nn.Module):
         super().__init__()
         d = config.n_embd
         self.version, self.relu_bias = config.grn, config.grn_relu_bias
+        self.grad_at_zero = config.gate_grad_at_zero
         self.b = nn.Parameter(torch.ones(n_out, n_entries) if config.grn == "v1"
                               else torch.ones(n_out, n_entries, d))
         if config.grn == "v3":
@@ -189,11 +204,12 @@ class GRN(nn.Module):
         if self.version != "v3":                                     # v1, v2: sum_i b_i s_i
             return stack_sum(self.b, None, entries)
         z = torch.stack([z for _, z in stack])                       # (m, B, T, n_out)
+        relu = gate_relu if self.grad_at_zero == 1 else lambda x: relu_with_grad_at_zero(x, self.grad_at_zero)
         if not self.relu_bias:                                       # sum_i s_i ⊙ (b_i + relu(z_i))
-            return stack_sum(self.b, gate_relu(z), entries)
+            return stack_sum(self.b, relu(z), entries)
         outs = []                                                    # sum_i s_i ⊙ relu(b_i + z_i)
         for j in range(self.b.size(0)):                              # (plain autograd: an ablation)
-            terms = [s * gate_relu(self.b[j, i] + z[i, ..., j:j + 1]) for i, s in enumerate(entries)]
+            terms = [s * relu(self.b[j, i] + z[i, ..., j:j + 1]) for i, s in enumerate(entries)]
             outs.append(sum(terms))
         return outs
 
@@ -282,10 +298,12 @@ class DCA(gpt.GPT):
         return total
 
     def no_decay_param_names(self):
-        # GRN parameters get no weight decay (the paper does not say): decay would pull b
-        # away from its identity value 1.
+        # GRN parameters get no weight decay by default: decay would pull b away from its
+        # identity value 1. grn_weight_decay follows the paper's Flax recipe (every parameter
+        # decayed) for b and w; the gate norm's scale and bias stay undecayed, as every norm here.
+        kept = ("norm_weight", "norm_bias") if self.config.grn_weight_decay else None
         return {f"{mod_name}.{name}" for mod_name, mod in self.named_modules() if isinstance(mod, GRN)
-                for name, _ in mod.named_parameters()}
+                for name, _ in mod.named_parameters() if kept is None or name in kept}
 
 
 gpt.MODELS["dca"] = (DCAConfig, DCA)
