@@ -356,11 +356,13 @@ def table_markdown(summary, info):
             ("~" if r.get("multiplier_extrapolated") else "") + (f"{r['compute_multiplier']:.2f}" if r["compute_multiplier"] != float("inf") else "∞"))
         reach = "never" if r["time_to_gpt_loss"] is None else f"{r['time_to_gpt_loss']:.2f}"
         delta = "" if r["model"] == summary["baseline"] else f"{r['delta']:+.4f}"
+        spread = f" ± {r['val_std']:.4f}" if len(r["seeds"]) > 1 else ""
         lines.append(f"| `{r['model']}` | {r['params'] / 1e6:.2f}M | {r['train_flops'] / 1e15:.3f} | "
-                     f"{r['val_mean']:.4f} ± {r['val_std']:.4f} (n={len(r['seeds'])}) | {bpb} | {delta} | {fmt_p(r['welch_p'])} | "
+                     f"{r['val_mean']:.4f}{spread} (n={len(r['seeds'])}) | {bpb} | {delta} | {fmt_p(r['welch_p'])} | "
                      f"{fmt_p(r['paired_p'])} | {mult} | {reach} | {r['ms_per_step']:.0f} |")
     fit = summary["fit"]
-    notes = [f"Final val loss (the last eval, at the end of training), mean ± std over seeds {info['seeds']}; "
+    notes = [f"Final val loss (the last eval, at the end of training), mean ± std over the n seeds each model has "
+             f"finished (of {info['seeds']}); "
              f"Δ and p against `{summary['baseline']}` (paired: the same seed gives both models the same batches). ",
              "compute ×: the baseline's training FLOPs needed to reach the model's mean loss (from the power law "
              "fitted to its runs at several lengths) over the model's own; ~ = outside the fitted lengths (extrapolated). "
@@ -457,7 +459,7 @@ def report(results, models=None):
 # -----------------------------------------------------------------------------
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,  # --seed is not --seeds
                                      epilog="Every other --key=value flag goes to train.py, for every run.")
     parser.add_argument("--name", required=True, help="the experiment: out_dir/NAME/ and results/NAME/")
     parser.add_argument("--models", default="", help="comma-separated specs, the baseline first (default: gpt and every model)")

@@ -224,7 +224,7 @@ def collect_train(logs, name, loss_drop):
         errors = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b|error:", line)]
         result["error"] = (errors or lines or [""])[-1][:200]
         return result
-    log = [json.loads(line) for line in (logs / f"{name}.jsonl").read_text().splitlines()]
+    log = [rec for rec in map(json.loads, (logs / f"{name}.jsonl").read_text().splitlines()) if "step" in rec]  # not the start events
     first_run = [rec for rec in log if rec["step"] <= int(flag(train_cmd, "max_iters"))]
     evals = [rec for rec in first_run if "val" in rec]
     result.update(val=evals[-1]["val"], best_val=min(rec["val"] for rec in evals), first_loss=first_run[0]["loss"],
@@ -398,6 +398,7 @@ def main():
         return profile_model(args.device, args.profile, json.loads(args.shape), args.out)
     out = Path(args.out)
     if args.report:
+        out.mkdir(parents=True, exist_ok=True)
         table, passed = report(out, Path(args.report))
         print(table)
         sys.exit(0 if passed else 1)

@@ -1,0 +1,30 @@
+"""tests/gpu/run.py, the GPU check, in its CPU mode: the script itself is tested before it meets a GPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_script_runs_every_step_on_the_cpu_and_reports_from_its_logs(tmp_path):
+    out = tmp_path / "gpu"
+    result = subprocess.run([sys.executable, "tests/gpu/run.py", "--device=cpu", "--models=gpt,dca:dca_k=2", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ALL CHECKS PASSED" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["equivalence"]["passed"] > 0 and summary["equivalence"]["failed"] == 0
+    assert set(summary["train"]) == {"gpt", "dca:dca_k=2"}
+    for run in summary["train"].values():
+        assert run["loss_falls"] and run["resumed"] and run["sampled"]
+    assert [row["model"] for row in summary["bench"]["tiny"]] == ["gpt", "dca:dca_k=2"]
+    assert summary["explain"]["gpt"]["graph_breaks"] == 0
+    assert (out / "logs.tar.gz").stat().st_size > 0 and summary["profiles"]
+    # the report again, from the logs alone
+    again = subprocess.run([sys.executable, "tests/gpu/run.py", f"--report={out / 'logs'}", str(tmp_path / "again")],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["train"] == summary["train"]
