@@ -80,6 +80,8 @@ class TrainConfig:
         for key, choices in CHOICES.items():
             if getattr(self, key) not in choices:
                 raise UserError(f"--{key}={getattr(self, key)}: choose one of {', '.join(choices)}")
+        if self.device == "tpu":
+            raise UserError(TORCH_TPU_UNSUPPORTED)
         if not re.fullmatch(r"auto|cpu|mps|xla|cuda(:\d+)?", self.device):
             raise UserError(f"--device={self.device}: choose auto, cpu, cuda, cuda:N, mps or xla")
         for key in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
@@ -621,10 +623,17 @@ def ddp_ranks():
     return 0, 1, 0
 
 
+# TorchTPU (torch_tpu 0.2.0) needs a real TPU for any tensor op (no CPU mode), so it is untested here
+TORCH_TPU_UNSUPPORTED = ("--device=tpu (TorchTPU) is not supported: on a TPU use --device=xla (torch_xla), "
+                         "see the README's Colab TPU section")
+
+
 def resolve_device(name, local=0):
     """'auto', 'cpu', 'cuda', 'cuda:1', 'mps' -> a torch.device this machine has, else a one-line error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "tpu":
+        raise UserError(TORCH_TPU_UNSUPPORTED)
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
         raise UserError(f"--device={name}: choose auto, cpu, cuda, cuda:N or mps")
     if name.startswith("cuda"):

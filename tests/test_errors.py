@@ -261,6 +261,7 @@ CASES = [
     ("unknown dtype", "train.py", [*T, "--dtype=fp8"], 2, ["--dtype=fp8: choose one of"], None, ()),
     ("abbreviated flag", "train.py", [*T, "--learning=0.1"], 2, ["unknown option '--learning=0.1'"], None, ()),
     ("device name", "train.py", [*T, "--device=gpu"], 2, ["--device=gpu: choose auto, cpu"], None, ()),
+    ("torchtpu device", "train.py", [*T, "--device=tpu"], 2, ["--device=tpu (TorchTPU) is not supported", "--device=xla"], None, ()),
     ("zero layers", "train.py", [*T, "--n_layer=0"], 2, ["n_layer=0 must be >= 1"], None, ()),
     ("negative width", "train.py", [*T, "--n_head=1", "--n_embd=-32"], 2, ["n_embd=-32 must be >= 1"], None, ()),
     ("decay shorter than warmup", "train.py", [*T, "--warmup_iters=10", "--lr_decay_iters=5"], 2,

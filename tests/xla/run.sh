@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The TPU path of train.py (--device=xla), tested for real on XLA's CPU backend.
 #
-#   tests/xla/run.sh          # from anywhere; ends with "xla: N passed, M failed"
+#   tests/xla/run.sh          # from anywhere; "xla: N passed, M failed", then "notebook: ..."
 #
 # torch_xla 2.9.0 needs torch 2.9.0 (a CUDA build, ~7 GB), so it lives in its own venv,
 # .venv-xla at the repository root (override with XLA_VENV), made here if missing (~2 min).
+# Then it executes colab_tpu.ipynb (tests/xla/run_notebook.py).
 # Exit status: 0 all passed, or skipped because pip cannot reach torch_xla (no network, or
 # no wheel for this platform); anything else is a failure.
 set -euo pipefail
@@ -30,4 +31,11 @@ if ! "$VENV/bin/python" -c "import torch_xla, numpy" 2>/dev/null; then
     echo "xla: venv made in $((SECONDS - start)) s"
 fi
 
-PJRT_DEVICE=CPU exec "$VENV/bin/python" tests/xla/check_xla.py
+PJRT_DEVICE=CPU "$VENV/bin/python" tests/xla/check_xla.py
+
+# the Colab notebook, executed top to bottom on XLA's CPU backend (its install cell adds what
+# requirements.txt lists to the venv the first time, as it would on Colab)
+if ! "$VENV/bin/python" -c "import nbclient, ipykernel" 2>/dev/null; then
+    "$VENV/bin/python" -m pip install -q nbclient ipykernel
+fi
+"$VENV/bin/python" tests/xla/run_notebook.py
