@@ -84,18 +84,6 @@ def val_batches(ckpt, data_dir, n_batches, batch_size, block_size, seed):
 
 
 @torch.no_grad()
-def kv_cache_bytes_per_token(model, context):
-    """Bytes the model's KV cache holds per token, measured: a real gpt.KVCache after the model
-    has read `context` tokens (one sequence; at most block_size), divided by the tokens. It
-    counts whatever a variant caches (SVFormer's single V, DCMHA's key-wise factors), in the
-    dtype of the model's parameters (float32 here; half that in bf16)."""
-    context = max(1, min(context, model.config.block_size))
-    device = next(model.parameters()).device
-    cache = gpt.KVCache(model.config.n_layer)
-    model(torch.zeros(1, context, dtype=torch.long, device=device), cache=cache)
-    return cache.nbytes() / context
-
-
 # -----------------------------------------------------------------------------
 # the probes
 
@@ -427,7 +415,7 @@ def analyze(model, batches, kv_context):
                    + [f"block {l + 1} input" for l in range(1, L)] + ["final"],
                    "norm": probes.mean("state_norm", None), "cosine": probes.mean("state_cosine", None)},
         "kv_cache": {"context": min(kv_context, c.block_size),
-                     "bytes_per_token": kv_cache_bytes_per_token(model, kv_context)},
+                     "bytes_per_token": gpt.kv_cache_bytes_per_token(model, kv_context)},
     }
     if isinstance(model, dca.DCA):
         result["dca"] = dca_grns(model, probes)
@@ -455,7 +443,7 @@ def analyze(model, batches, kv_context):
 # plots
 
 def pyplot():
-    """matplotlib, imported only to plot: kv_cache_bytes_per_token and analyze() need none."""
+    """matplotlib, imported only to plot: analyze() needs none."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -142,7 +142,9 @@ def main():
     runs = {}
     for spec in specs:
         model, n_params, flops = build(spec, args, device)
-        runs[spec] = {"params": n_params, "flops_per_token": flops, "step": make_step(model, args, device), "times": []}
+        kv = gpt.kv_cache_bytes_per_token(getattr(model, "_orig_mod", model), args.block_size)  # float32
+        runs[spec] = {"params": n_params, "flops_per_token": flops, "kv_bytes_per_token": kv,
+                      "step": make_step(model, args, device), "times": []}
         for _ in range(args.warmup):  # also compiles, with --compile
             runs[spec]["step"]()
     for _ in range(args.repeats):  # interleaved: every model sees the same machine state
@@ -175,7 +177,9 @@ def main():
                      "tokens_per_s": round(tokens_per_s), "flops_per_token": run["flops_per_token"],
                      "mfu": None if peak is None else round(run["flops_per_token"] * tokens_per_s / peak, 4),
                      "peak_mem_mb": round(run["mem"], 1), "ratio_to_gpt": round(ms / base_ms, 3),
-                     "mem_ratio_to_gpt": round(run["mem"] / base_mem, 3)})
+                     "mem_ratio_to_gpt": round(run["mem"] / base_mem, 3),
+                     "kv_bytes_per_token": run["kv_bytes_per_token"],  # float32, after block_size tokens
+                     "kv_ratio_to_gpt": round(run["kv_bytes_per_token"] / runs["gpt"]["kv_bytes_per_token"], 3)})
     if args.json:
         print(json.dumps(rows, indent=1))
         return
@@ -185,17 +189,18 @@ def main():
              f"{' | compiled' if args.compile else ''} | torch {torch.__version__}")
     mfu = lambda r: "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"  # noqa: E731
     if args.markdown:
-        print(f"{title}\n\n| model | params | ms/step | tokens/s | MFU (approx.) | peak mem MB | × gpt time | × gpt mem |"
-              f"\n|---|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"{title}\n\n| model | params | ms/step | tokens/s | MFU (approx.) | peak mem MB | × gpt time | × gpt mem | "
+              f"KV cache × gpt |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             print(f"| `{r['model']}` | {r['params']:,} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,} | {mfu(r)} | "
-                  f"{r['peak_mem_mb']:.0f} | {r['ratio_to_gpt']:.2f} | {r['mem_ratio_to_gpt']:.2f} |")
+                  f"{r['peak_mem_mb']:.0f} | {r['ratio_to_gpt']:.2f} | {r['mem_ratio_to_gpt']:.2f} | {r['kv_ratio_to_gpt']:.2f} |")
         return
     print(title)
-    print(f"{'model':<28} {'params':>11} {'ms/step':>9} {'tok/s':>9} {'MFU':>6} {'mem MB':>8} {'× gpt':>7} {'mem × gpt':>9}")
+    print(f"{'model':<28} {'params':>11} {'ms/step':>9} {'tok/s':>9} {'MFU':>6} {'mem MB':>8} {'× gpt':>7} {'mem × gpt':>9} "
+          f"{'KV × gpt':>8}")
     for r in rows:
         print(f"{r['model']:<28} {r['params']:>11,} {r['ms_per_step']:>9.1f} {r['tokens_per_s']:>9,} {mfu(r):>6} "
-              f"{r['peak_mem_mb']:>8.0f} {r['ratio_to_gpt']:>7.3f} {r['mem_ratio_to_gpt']:>9.3f}")
+              f"{r['peak_mem_mb']:>8.0f} {r['ratio_to_gpt']:>7.3f} {r['mem_ratio_to_gpt']:>9.3f} {r['kv_ratio_to_gpt']:>8.3f}")
 
 
 if __name__ == "__main__":

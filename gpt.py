@@ -111,6 +111,19 @@ class KVCache:
         return sum(t.numel() * t.element_size() for d in self.layers for t in d.values())
 
 
+@torch.no_grad()
+def kv_cache_bytes_per_token(model, context):
+    """Bytes the model's KV cache holds per token, measured: a real KVCache after the model has
+    read `context` tokens (one sequence; at most block_size), divided by the tokens. It counts
+    whatever a variant caches (SVFormer's single V for all layers, DCMHA's key-wise factors), in
+    the dtype of the model's parameters (float32 here; half that in bf16)."""
+    context = max(1, min(context, model.config.block_size))
+    device = next(model.parameters()).device
+    cache = KVCache(model.config.n_layer)
+    model(torch.zeros(1, context, dtype=torch.long, device=device), cache=cache)
+    return cache.nbytes() / context
+
+
 class Context:
     """What one forward pass shares across layers. Variants may add attributes."""
 

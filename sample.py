@@ -76,6 +76,11 @@ def main(argv=None):
     if len(ids) > block_size:
         print(f"note: the prompt is {len(ids)} tokens, longer than the model's context (block_size={block_size}); "
               f"it sees only the last {block_size}", file=sys.stderr)
+    if not args.no_cache:  # what decoding keeps per token: the number SVFormer (and MLA-like ideas) shrink
+        kv = gpt.kv_cache_bytes_per_token(model, block_size)
+        print(f"{checkpoint['model_config'].get('model', 'gpt')}: KV cache {kv / 1024:.2f} KiB per token "
+              f"({next(model.parameters()).dtype}), {kv * block_size / 2**20:.2f} MiB at the full context "
+              f"of {block_size} tokens", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for _ in range(args.num_samples):
         x = torch.tensor([ids], dtype=torch.long, device=device)

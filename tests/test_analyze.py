@@ -103,12 +103,12 @@ def test_svformer_kv_cache_is_l_plus_1_over_2l_of_gpt(trained):
 
 def test_kv_cache_bytes_per_token_counts_what_each_model_caches():
     L, d, N = TINY["n_layer"], TINY["n_embd"], TINY["n_head"]
-    bytes_of = lambda name, **kw: analyze.kv_cache_bytes_per_token(make_model(name, dtype=torch.float32, **kw), 20)
+    bytes_of = lambda name, **kw: gpt.kv_cache_bytes_per_token(make_model(name, dtype=torch.float32, **kw), 20)
     assert bytes_of("gpt") == bytes_of("resformer") == bytes_of("dca") == 2 * L * d * 4
     assert bytes_of("svformer") == (L + 1) * d * 4
     R = 2  # DCMHA also caches each key's factors: (pre, post) x (2R + 1) x N numbers per layer
     assert bytes_of("dcmha") == 2 * L * d * 4 + L * 2 * (2 * R + 1) * N * 4
-    assert analyze.kv_cache_bytes_per_token(make_model("gpt", dtype=torch.float32), 10 ** 6) == 2 * L * d * 4
+    assert gpt.kv_cache_bytes_per_token(make_model("gpt", dtype=torch.float32), 10 ** 6) == 2 * L * d * 4
 
 
 CASES = [(name, {}) for name in gpt.all_models()] + [

@@ -21,11 +21,18 @@ def test_bench_json_has_every_key_and_ratio_to_gpt():
     assert [r["model"] for r in rows] == ["gpt", "dca:dca_k=1;grn=v2", "resformer:value_residual=learnable"]
     for r in rows:
         assert set(r) == {"model", "params", "ms_per_step", "tokens_per_s", "flops_per_token", "mfu", "peak_mem_mb",
-                          "ratio_to_gpt", "mem_ratio_to_gpt"}
+                          "ratio_to_gpt", "mem_ratio_to_gpt", "kv_bytes_per_token", "kv_ratio_to_gpt"}
         assert r["params"] > 0 and r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
         assert r["mfu"] is None  # a CPU is in no peak table: no MFU rather than a wrong one
     assert rows[0]["ratio_to_gpt"] == 1.0 and rows[0]["mem_ratio_to_gpt"] == 1.0
     assert rows[1]["params"] > rows[0]["params"]  # the GRNs
+    assert [r["kv_ratio_to_gpt"] for r in rows] == [1.0, 1.0, 1.0]  # neither caches more than K and V
+
+
+def test_bench_reports_svformers_smaller_kv_cache():
+    rows = json.loads(bench("--models=svformer", "--json").stdout)
+    L = int(next(a for a in TINY if a.startswith("--n_layer=")).split("=")[1])
+    assert rows[1]["kv_ratio_to_gpt"] == round((L + 1) / (2 * L), 3)  # L keys + one shared value, of 2L
 
 
 def test_bench_mfu_with_a_given_peak():

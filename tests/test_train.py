@@ -13,6 +13,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
+sys.path.insert(0, ROOT)
+import gpt  # noqa: E402
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--eval_iters=2", "--log_interval=1", "--warmup_iters=2"]
 
@@ -57,6 +59,8 @@ def test_train_checkpoint_resume_sample(data_dir, tmp_path):
     result = run(["sample.py", f"--out_dir={out}", "--start=def ", "--num_samples=2", "--max_new_tokens=20"])
     samples = [s for s in result.stdout.split("-" * 40) if s.strip()]
     assert len(samples) == 2 and all(s.strip().startswith("def") for s in samples)
+    kv = gpt.kv_cache_bytes_per_token(gpt.build_model(gpt.config_from_dict(ckpt["model_config"])), 1)
+    assert f"gpt: KV cache {kv / 1024:.2f} KiB per token" in result.stderr  # (on stderr: stdout is the samples)
 
 
 def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
