@@ -17,7 +17,7 @@ def test_gpu_script_runs_every_step_on_the_cpu_and_reports_from_its_logs(tmp_pat
     assert "ALL CHECKS PASSED" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["equivalence"]["passed"] > 0 and summary["equivalence"]["failed"] == 0
-    assert set(summary["train"]) == {"gpt", "dca:dca_k=2"}
+    assert set(summary["train"]) == {"gpt", "dca:dca_k=2", "gpt:dtype=bfloat16"}  # + the trained-only twin
     for run in summary["train"].values():
         assert run["loss_falls"] and run["resumed"] and run["sampled"]
     assert [row["model"] for row in summary["bench"]["tiny"]] == ["gpt", "dca:dca_k=2"]

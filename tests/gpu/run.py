@@ -50,13 +50,16 @@ MODES = {
         },
         train=["--max_iters=200", "--eval_interval=100", "--log_interval=25", "--eval_iters=10"],
         resume_to=250, equivalence=["-k", "not compile"], bench_compile=True, repeats=20, loss_drop=0.5,
-        workers=12, big_workers=4, budget=500, phase_2=190, profile=("dcmha", "dca")),
+        workers=12, big_workers=4, budget=500, phase_2=190, profile=("dcmha", "dca"),
+        # trained only: dcmha's loss blew up in bf16 on the H200 (step ~150, 1.87 -> 3.2): its
+        # float32 twin says whether that is bf16 precision or the model at this learning rate
+        train_also=("dcmha:dtype=float32",)),
     "cpu": dict(
         shapes={"tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=2, vocab_size=256)},
         train=["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=20",
                "--eval_interval=10", "--log_interval=5", "--eval_iters=2", "--warmup_iters=2", "--compile=false"],
         resume_to=25, equivalence=["-k", "gpt and (causality or bf16)"], bench_compile=False, repeats=2, loss_drop=0.05,
-        workers=2, big_workers=1, budget=0, phase_2=0, profile=("gpt",)),
+        workers=2, big_workers=1, budget=0, phase_2=0, profile=("gpt",), train_also=("gpt:dtype=bfloat16",)),
 }
 
 
@@ -255,7 +258,7 @@ def collect(logs):
                                   "failures": re.findall(r"^FAILED (\S+)", text, re.M)[:20]}
     explain_file = logs / "explain.json"
     results["explain"] = json.loads(explain_file.read_text()) if explain_file.exists() else {}
-    for spec in info["models"]:
+    for spec in info["models"] + info.get("train_also", []):
         if (logs / f"train-{slug(spec)}.txt").exists():
             results["train"][spec] = collect_train(logs, f"train-{slug(spec)}", info["loss_drop"])
     for shape_name in info["shapes"]:
@@ -337,7 +340,9 @@ def run_steps(args, specs, mode, logs, work):
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     device_line = f"{where} | torch {torch.__version__} | python {sys.version.split()[0]}"
     print(f"GPU check: {device_line} | models: {', '.join(specs)}", flush=True)
-    (logs / "run.json").write_text(json.dumps({"device": device_line, "models": specs, "argv": sys.argv[1:],
+    train_also = [spec for spec in mode["train_also"] if spec.partition(":")[0] in specs]
+    (logs / "run.json").write_text(json.dumps({"device": device_line, "models": specs, "train_also": train_also,
+                                               "argv": sys.argv[1:],
                                                "shapes": mode["shapes"], "loss_drop": mode["loss_drop"]}, indent=1))
     steps = args.only.split(",") if args.only else ["equivalence", "explain", "train", "bench", "profile"]
     t0 = time.time()
@@ -362,7 +367,7 @@ def run_steps(args, specs, mode, logs, work):
         warms = {(shape_name, spec): pool.submit(warm, shape_name, spec) for shape_name in reversed(list(mode["shapes"]))
                  for spec in first} if "bench" in steps else {}
         if "train" in steps:
-            jobs += [pool.submit(train, r, mode, spec, data_dir, work) for spec in specs]
+            jobs += [pool.submit(train, r, mode, spec, data_dir, work) for spec in specs + train_also]
         [job.result() for job in jobs]
         warmed = {key: w.result() for key, w in warms.items()}
     print(f"phase 1 done in {time.time() - t0:.0f} s", flush=True)
