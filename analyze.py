@@ -13,7 +13,7 @@ dynamic composition and one composed attention map, ResFormer's λs, and the dep
 weights of MUDDFormer and AttnRes.
 
 The probes only read. They wrap a few methods of the model's own modules (attend,
-attend_chunk, mixing_matrices, ...) or hook them, call the original and hand back its output
+attend_chunk, mixing_factors, ...) or hook them, call the original and hand back its output
 untouched; every run checks that the logits with the probes equal the logits without, exactly.
 SDPA never materialises the attention probabilities, so the probes recompute them from the q
 and k the attention really received (for DCMHA: the composed probabilities it really uses), and
@@ -179,18 +179,18 @@ class Probes:
         attn.attend = attend_probe
         wrapped = ["attend"]
         if isinstance(attn, dcmha.DCMHAttention):
-            attend_chunk, mixing_matrices = attn.attend_chunk, attn.mixing_matrices
+            attend_chunk, mixing_factors = attn.attend_chunk, attn.mixing_factors
 
             def attend_chunk_probe(q, k, v, mask, mixes):
                 y = attend_chunk(q, k, v, mask, mixes)
                 # the composed probabilities, exactly as attend_chunk makes them
                 raw = (q @ k.mT).transpose(1, 2)                                    # (B, Tc, N, Sc)
-                logits = dcmha.compose(raw, *mixes["pre"]) if "pre" in mixes else raw
+                logits = attn.compose(raw, *mixes["pre"]) if "pre" in mixes else raw
                 hide = ~mask[:, None]
                 wide = state["wide"]
                 probs = logits.masked_fill(hide, float("-inf")).to(wide).softmax(-1).to(v.dtype)
                 if "post" in mixes:
-                    probs = dcmha.compose(probs, *mixes["post"])
+                    probs = attn.compose(probs, *mixes["post"])
                 probs = probs.transpose(1, 2)                                       # (B, N, Tc, Sc)
                 probes.check(probs.to(wide) @ v.to(wide), y)
                 Tc, Sc = q.size(2), k.size(2)
@@ -206,19 +206,23 @@ class Probes:
                 state["t0"] = t0 + Tc
                 return y
 
-            def mixing_matrices_probe(x, ctx):
-                mixes = mixing_matrices(x, ctx)
+            def mixing_factors_probe(x, ctx):
+                mixes = mixing_factors(x, ctx)   # (dc_compose=matrix builds its matrices from these)
                 N = attn.n_head
-                # W_ts = I + Q_t + K_s; mixing_matrices returns Q_t and K_s (compose adds the I)
-                for stage, (query_mix, key_mix) in mixes.items():
+                # W_ts = I + Q_t + K_s, Q_t = qw1ᵀ qw2 + diag(qdd) (+ W_b), K_s = kw1ᵀ kw2 + diag(kdd)
+                for stage, (query_factors, key_factors, static) in mixes.items():
+                    query_mix = None if query_factors is None else dcmha.mixing_matrix(query_factors)
+                    if static is not None:
+                        query_mix = static[None, None] if query_mix is None else query_mix + static
+                    key_mix = None if key_factors is None else dcmha.mixing_matrix(key_factors)
                     for side, part in (("query", query_mix), ("key", key_mix)):
                         if part is not None:                        # ‖part‖_F / ‖I‖_F per token
                             size = part.float().flatten(-2).norm(dim=-1) / math.sqrt(N)
                             probes.add(f"compose_{stage}_{side}", layer, size.sum(), size.numel())
                 return mixes
 
-            attn.attend_chunk, attn.mixing_matrices = attend_chunk_probe, mixing_matrices_probe
-            wrapped += ["attend_chunk", "mixing_matrices"]
+            attn.attend_chunk, attn.mixing_factors = attend_chunk_probe, mixing_factors_probe
+            wrapped += ["attend_chunk", "mixing_factors"]
         return wrapped
 
     def check(self, recomputed, y):

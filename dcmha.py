@@ -17,7 +17,11 @@ block's normed input x by a small GELU network, separately for the four sets {pr
 
 W_ts is never built per (t, s): it is I, plus a query part Q_t = qw1_tᵀ qw2_t + diag(qdd_t)
 (+ W_b), plus a key part K_s = kw1_sᵀ kw2_s + diag(kdd_s); each part is applied to the
-scores with one batched N x N matmul per token, and the identity as a plain sum. Fused attention kernels cannot be used (the
+scores with one batched N x N matmul per token, and the identity as a plain sum
+(dc_compose="matrix"). dc_compose="factors" never forms Q_t or K_s either: the factorised form,
+contractions over the heads written as broadcast products and sums, which torch.compile fuses
+into a few passes over the scores (on the GPU the matmuls, with an inner dimension of N, run
+as tiny tensor-core tiles). Both are the same function. Fused attention kernels cannot be used (the
 score tensor must exist to be composed); queries are processed in chunks, so the transient
 (B, chunk, N, S) score tensors bound the memory, and no chunk computes scores for keys that
 its queries cannot see.
@@ -27,6 +31,7 @@ Options (the paper's ablations are config values):
   dc_query_wise, dc_key_wise   the dynamic weights read at the query / at the key
   dc_static                    a learned static head-mixing matrix W_b (residual form)
   dc_rank, dc_hidden(_mult)    R, and C (the hidden width of the weight network, 4N)
+  dc_compose                   how Compose is computed: matrix or factors (same result)
   window, window_pattern       DCFormer++'s alternation of local (sliding window) and
                                global layers; qk_norm (on by default, as in DCFormer++)
 """
@@ -53,6 +58,7 @@ class DCMHAConfig(gpt.GPTConfig):
     dc_rank: int = 2              # R, rank of each dynamic projection
     dc_hidden_mult: int = 4       # C = dc_hidden_mult * n_head ...
     dc_hidden: int = 0            # ... unless C is given here (> 0)
+    dc_compose: str = "matrix"    # matrix: Q_t, K_s as N x N matmuls | factors: the factorised form
     query_chunk: int = 128        # queries per chunk of the attention (0 = all at once)
     window: int = 0               # keys a local layer sees, itself included (0 = all global)
     window_pattern: str = "LG"    # local (L) / global (G) layers, repeated over the depth
@@ -67,6 +73,8 @@ class DCMHAConfig(gpt.GPTConfig):
             raise ValueError("dc_pre and dc_post are both off: nothing left to compose")
         if not (self.dc_query_wise or self.dc_key_wise or self.dc_static):
             raise ValueError("dc_query_wise, dc_key_wise and dc_static are all off: nothing to compose with")
+        if self.dc_compose not in ("matrix", "factors"):
+            raise ValueError(f"dc_compose={self.dc_compose!r}: choose matrix or factors")
         for name in ("dc_rank", "dc_hidden_mult"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -89,6 +97,25 @@ def compose(a, query_mix, key_mix):
     if key_mix is not None:
         by_key = a.permute(0, 3, 1, 2).contiguous()                                 # (B, S, T, N), a copy
         out = out + (by_key @ key_mix).permute(0, 2, 3, 1)                          # (B, T, N, S)
+    return out
+
+
+def compose_factors(a, query_factors, key_factors, static):
+    """The same Compose in the factorised form, with no N x N matrix per token:
+        out[m] = a[m]·(1 + qdd[m] + kdd[m]) + Σ_i qw2[i, m] Σ_n a[n] qw1[i, n]
+                                            + Σ_i kw2[i, m] Σ_n a[n] kw1[i, n]  (+ Σ_n a[n] W_b[n, m])
+    a (B, T, N, S); query_factors (B, T, 2R+1, N) = [qw1; qw2; qdd] or None; key_factors
+    (B, S, 2R+1, N) or None; static W_b (N, N) or None. The sums over the heads (n) and the rank
+    (i) are broadcast products summed over one dim: torch.compile fuses each into one pass."""
+    out = a if static is None else a + static.mT @ a                                 # (B, T, N, S)
+    for factors, at_key in ((query_factors, False), (key_factors, True)):
+        if factors is None:
+            continue
+        R = factors.size(-2) // 2
+        f = factors.permute(0, 2, 3, 1)[:, None] if at_key else factors[..., None]  # (B, 1|T, 2R+1, N, S|1)
+        w1, w2, dd = f[:, :, :R], f[:, :, R:2 * R], f[:, :, 2 * R]
+        h = (a[:, :, None] * w1).sum(3, keepdim=True)                               # (B, T, R, 1, S)
+        out = out + (h * w2).sum(2) + a * dd                                        # (B, T, N, S)
     return out
 
 
@@ -116,6 +143,7 @@ class DCMHAttention(gpt.CausalSelfAttention):
             self.Wdd = nn.Parameter(torch.randn(D, n_sets, N) * math.sqrt(2 / (D + N)) * 0.005)
         if config.dc_static:  # one W_b per stage, used as a + a W_b
             self.Wb = nn.Parameter(torch.randn(len(self.stages), N, N) * 0.1 / math.sqrt(N))
+        self.compose = compose_factors if config.dc_compose == "factors" else compose
         pattern = config.window_pattern
         if config.window and pattern[layer_idx % len(pattern)] == "L":
             self.window = config.window
@@ -133,35 +161,40 @@ class DCMHAttention(gpt.CausalSelfAttention):
         factors = torch.cat([w1, w[:, :, :, R:], dd], dim=3)                        # (B, T, sets, 2R+1, N)
         return factors.view(B, T, len(self.stages), len(self.sides), 2 * R + 1, N)
 
-    def mixing_matrices(self, x, ctx):
-        """Per stage, the query part Q_t (B, T, N, N) or None (= 0) and the key part K_s
-        (B, S, N, N) or None of W_ts. When decoding, the key factors of all S cached keys
-        come from the cache."""
+    def mixing_factors(self, x, ctx):
+        """Per stage, (the query factors (B, T, 2R+1, N) or None, the key factors (B, S, 2R+1, N)
+        or None, W_b (N, N) or None). When decoding, the key factors of all S cached keys come
+        from the cache."""
         factors = self.dynamic_factors(x) if self.sides else None
         key_factors = None
         if "key" in self.sides:
             key_factors = factors[:, :, :, -1]                                      # (B, T, stages, 2R+1, N)
             if ctx.cache is not None:
                 key_factors = ctx.cache.append(self.layer_idx, "dc_key_factors", key_factors, dim=1)  # (B, S, ...)
-        mixes = []
-        for i in range(len(self.stages)):
-            query_mix = key_mix = None
-            if "query" in self.sides:
-                query_mix = mixing_matrix(factors[:, :, i, 0])                      # (B, T, N, N)
-            if hasattr(self, "Wb"):
-                query_mix = self.Wb[i] if query_mix is None else query_mix + self.Wb[i]
+        return {stage: (factors[:, :, i, 0] if "query" in self.sides else None,
+                        None if key_factors is None else key_factors[:, :, i],
+                        self.Wb[i] if hasattr(self, "Wb") else None)
+                for i, stage in enumerate(self.stages)}
+
+    def mixing_matrices(self, x, ctx):
+        """Per stage, the query part Q_t (B, T, N, N) or None (= 0) and the key part K_s
+        (B, S, N, N) or None of W_ts; W_b is in the query part."""
+        mixes = {}
+        for stage, (query_factors, key_factors, static) in self.mixing_factors(x, ctx).items():
+            query_mix = None if query_factors is None else mixing_matrix(query_factors)  # (B, T, N, N)
+            if static is not None:
+                query_mix = static if query_mix is None else query_mix + static
             if query_mix is not None:  # W_ts's identity is added in compose, outside the matmul
                 query_mix = query_mix.expand(x.size(0), x.size(1), -1, -1)  # (B, T, N, N), also a lone W_b
-            if key_factors is not None:
-                key_mix = mixing_matrix(key_factors[:, :, i])                       # (B, S, N, N)
-            mixes.append((query_mix, key_mix))
-        return dict(zip(self.stages, mixes))
+            key_mix = None if key_factors is None else mixing_matrix(key_factors)       # (B, S, N, N)
+            mixes[stage] = (query_mix, key_mix)
+        return mixes
 
     def attend(self, q, k, v, x, ctx):
         """q (B, N, T, hd), k and v (B, N, S, hd) with the cache; x (B, T, D) the block's normed
         input, which the dynamic weights are computed from."""
         T, S = q.size(2), k.size(2)
-        mixes = self.mixing_matrices(x, ctx)
+        mixes = self.mixing_factors(x, ctx) if self.compose is compose_factors else self.mixing_matrices(x, ctx)
         q = q * self.head_dim ** -0.5  # scale q, not the scores: Compose is linear
         start = S - T  # position of the first query; the keys are positions 0 .. S-1
         chunk = self.query_chunk or T
@@ -171,8 +204,8 @@ class DCMHAttention(gpt.CausalSelfAttention):
             s0 = 0 if self.window is None else max(0, start + t0 - self.window + 1)
             s1 = start + t1  # keys after the chunk's last query are never seen
             mask = gpt.causal_mask(t1 - t0, s1 - s0, start + t0 - s0, self.window, q.device)  # (Tc, Sc)
-            chunk_mixes = {stage: (None if qm is None else qm[:, t0:t1], None if km is None else km[:, s0:s1])
-                           for stage, (qm, km) in mixes.items()}
+            chunk_mixes = {stage: (None if qm is None else qm[:, t0:t1], None if km is None else km[:, s0:s1], *static)
+                           for stage, (qm, km, *static) in mixes.items()}  # (factors: + W_b)
             out.append(self.attend_chunk(q[:, :, t0:t1], k[:, :, s0:s1], v[:, :, s0:s1], mask, chunk_mixes))
         return torch.cat(out, dim=2)                                                # (B, N, T, hd)
 
@@ -180,13 +213,13 @@ class DCMHAttention(gpt.CausalSelfAttention):
         """In this order: logits, compose, mask, softmax (in float32 or wider), compose, @ v."""
         logits = (q @ k.mT).transpose(1, 2)                                         # (B, Tc, N, Sc)
         if "pre" in mixes:
-            logits = compose(logits, *mixes["pre"])
+            logits = self.compose(logits, *mixes["pre"])
         logits = logits.masked_fill(~mask[:, None], float("-inf"))  # after compose: -inf would mix into NaN
         probs = F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
         if "post" in mixes:
             # no renormalisation; compose mixes heads, never positions, so the masked
             # probabilities (exact zeros) stay exact zeros and need no second mask
-            probs = compose(probs, *mixes["post"])
+            probs = self.compose(probs, *mixes["post"])
         return probs.transpose(1, 2) @ v                                            # (B, N, Tc, hd)
 
 

@@ -47,6 +47,9 @@ CASES = [(name, {}) for name in MODELS] + [
     ("dcmha", {"dc_query_wise": False, "window": 3, "window_pattern": "L"}),
     ("dcmha", {"dc_query_wise": False, "dc_key_wise": False, "dc_static": True}),
     ("dcmha", {"n_head": 2, "dc_rank": 3, "dc_hidden": 5, "qk_norm": False}),
+    ("dcmha", {"dc_compose": "factors", "window": 4, "query_chunk": 5}),
+    ("dcmha", {"dc_compose": "factors", "dc_static": True, "dc_post": False, "query_chunk": 3}),
+    ("dcmha", {"dc_compose": "factors", "dc_query_wise": False, "dc_key_wise": False, "dc_static": True}),
     ("dca", {"dca_k": 1}),
     ("dca", {"dca_k": 2}),
     ("dca", {"grn": "v1"}),
@@ -180,9 +183,11 @@ def test_every_parameter_gets_a_gradient(case):
     assert not no_grad, f"parameters without a gradient: {no_grad}"
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(MODELS) + ["dcmha:dc_compose=factors"])
 def test_compile_equals_eager(name):
-    model = perturb(make_model(name, dtype=torch.float32, n_layer=2))
+    name, _, option = name.partition(":")
+    overrides = dict([option.split("=")]) if option else {}
+    model = perturb(make_model(name, dtype=torch.float32, n_layer=2, **overrides))
     idx = tokens()
     targets = torch.roll(idx, -1, dims=1)
     eager_logits, eager_loss = model(idx, targets)
@@ -390,11 +395,13 @@ def test_dcmha_zero_dynamic_weights_equals_gpt(window, static):
 
 @pytest.mark.parametrize("n_head,rank", [(1, 2), (2, 1), (3, 3), (4, 2), (4, 1), (2, 3)])
 @pytest.mark.parametrize("window,chunk,static", [(0, 0, True), (4, 5, False), (0, 3, False)])
-def test_dcmha_attention_equals_explicit_W_ts(n_head, rank, window, chunk, static):
-    """The per-token Q_t + K_s form, chunked, == W_ts materialised per (t, s), in float64, with
-    random non-zero weights. Also checks R and C come from the config."""
+@pytest.mark.parametrize("compose", ["matrix", "factors"])
+def test_dcmha_attention_equals_explicit_W_ts(n_head, rank, window, chunk, static, compose):
+    """The per-token Q_t + K_s form (compose=matrix) and the factorised form (factors), chunked,
+    == W_ts materialised per (t, s), in float64, with random non-zero weights. Also checks R and
+    C come from the config."""
     model = make_model("dcmha", n_embd=48, n_head=n_head, dc_rank=rank, dc_hidden=7 if static else 0,
-                       window=window, query_chunk=chunk, dc_static=static)
+                       window=window, query_chunk=chunk, dc_static=static, dc_compose=compose)
     attn = perturb(model, scale=0.5).blocks[0].attn
     C = 7 if static else 4 * n_head
     D = 48
@@ -406,7 +413,7 @@ def test_dcmha_attention_equals_explicit_W_ts(n_head, rank, window, chunk, stati
         actual = attn.attend(q, k, v, x, ctx_for(q.size(2)))
         # the dynamic terms are large here: compose differs a lot from plain attention
         plain = F.scaled_dot_product_attention(q, k, v, attn_mask=reference_mask(q.size(2), window))
-    check(f"dcmha N={n_head} R={rank} window={window} chunk={chunk} static={static}: == explicit W_ts",
+    check(f"dcmha {compose} N={n_head} R={rank} window={window} chunk={chunk} static={static}: == explicit W_ts",
           actual, expected, 1e-12)
     assert (expected - plain).abs().max() > 1e-2
 
@@ -515,7 +522,7 @@ def test_dcmha_ablation_flags_drop_exactly_their_sets(label):
 def test_dcmha_config_validation():
     for bad in (dict(dc_pre=False, dc_post=False), dict(dc_query_wise=False, dc_key_wise=False),
                 dict(dc_rank=0), dict(dc_hidden_mult=0), dict(dc_hidden=-1), dict(query_chunk=-1),
-                dict(window=-2), dict(window_pattern=""), dict(window_pattern="LX")):
+                dict(window=-2), dict(window_pattern=""), dict(window_pattern="LX"), dict(dc_compose="fused")):
         with pytest.raises(ValueError):
             dcmha.DCMHAConfig(**TINY, **bad).validate()
     config = dcmha.DCMHAConfig(**TINY)

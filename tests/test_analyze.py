@@ -138,7 +138,7 @@ def test_probes_only_read_and_reproduce_the_attention(case):
     with torch.no_grad():
         after, _ = model(idx)
     assert torch.equal(before, after)
-    leftovers = [n for n, m in model.named_modules() for attr in ("attend", "attend_chunk", "mixing_matrices",
+    leftovers = [n for n, m in model.named_modules() for attr in ("attend", "attend_chunk", "mixing_factors",
                                                                     "mix", "weights") if attr in vars(m)]
     assert not leftovers and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     if name == "resformer":

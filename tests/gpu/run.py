@@ -64,9 +64,10 @@ MODES = {
 
 
 def model_specs():
-    """Every registered model at its defaults, and k-DCA with k = 2."""
+    """Every registered model at its defaults, k-DCA with k = 2, and DCMHA's factorised compose
+    (dc_compose=factors: is it faster than the N x N matmuls on the GPU?)."""
     import gpt
-    return list(gpt.all_models()) + ["dca:dca_k=2"]
+    return list(gpt.all_models()) + ["dca:dca_k=2", "dcmha:dc_compose=factors"]
 
 
 def spec_flags(spec):
