@@ -421,7 +421,7 @@ def plots(runs, summary, models, out):
     from scipy import stats
     rows = [r for r in summary["rows"] if r["model"] != base]
     base_row = next(r for r in summary["rows"] if r["model"] == base)
-    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * max(len(rows), 1)), dpi=130)
+    fig, ax = plt.subplots(figsize=(10, 0.8 + 0.45 * max(len(rows), 1)), dpi=130)
     for i, r in enumerate(rows):
         n1, n2 = len(r["val_finals"]), len(base_row["val_finals"])
         se = math.sqrt(r["val_std"] ** 2 / n1 + base_row["val_std"] ** 2 / n2) if n1 > 1 and n2 > 1 else float("nan")
@@ -429,10 +429,9 @@ def plots(runs, summary, models, out):
                if se == se and se > 0 else 1)
         half = stats.t.ppf(0.975, dof) * se if se == se else 0
         ax.barh(i, r["delta"], xerr=half, color=color[r["model"]], alpha=0.8, capsize=4)
-        ax.text(r["delta"], i, f"  p={fmt_p(r['welch_p'])}  ", va="center", fontsize=8,
-                ha="left" if r["delta"] >= 0 else "right")
     ax.axvline(0, color="black", lw=1)
-    ax.set_yticks(range(len(rows)), [r["model"] for r in rows])
+    ax.set_yticks(range(len(rows)), [f"{r['model']}  (n={len(r['val_finals'])}, p={fmt_p(r['welch_p'])})"
+                                     for r in rows])  # in the label: never under a bar or an error bar
     ax.invert_yaxis()
     ax.set_xlabel(f"final val loss − {base}'s (nats/token; < 0 is better), 95% CI")
     ax.grid(axis="x", alpha=0.3)
