@@ -31,6 +31,9 @@ if ! "$VENV/bin/python" -c "import torch_xla, numpy" 2>/dev/null; then
     echo "xla: venv made in $((SECONDS - start)) s"
 fi
 
+# its own inductor cache: this venv's torch 2.9 must not load kernels another torch (or a
+# concurrent run) left in the shared /tmp/torchinductor_<user> ("file too short" .so files)
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d -t xla-lane-inductor-XXXXXX)}"
 PJRT_DEVICE=CPU "$VENV/bin/python" tests/xla/check_xla.py
 
 # the Colab notebook, executed top to bottom on XLA's CPU backend (its install cell adds what
