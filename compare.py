@@ -392,6 +392,7 @@ def plots(runs, summary, models, out):
                                 ("flops", "training FLOPs", "loss_vs_flops.png"),
                                 ("time", "training wall-clock (s, evals excluded)", "loss_vs_time.png")):
         fig, ax = plt.subplots(figsize=(8, 5), dpi=130)
+        ylim_here = ylim
         for spec, rs in main.items():
             x = np.mean([r[axis] for r in rs], axis=0)
             vals = np.array([r["val"] for r in rs])
@@ -407,10 +408,12 @@ def plots(runs, summary, models, out):
                     label=f"{base} at {len(points)} lengths: power-law fit")
             ax.scatter(*zip(*points), color=color[base], zorder=5, s=25)
             ax.set_xscale("log")
+            if ylim:  # show every length the fit stands on, the longest included
+                ylim_here = (min(ylim[0], min(y for _, y in points) - 0.01), ylim[1])
         ax.set_xlabel(xlabel)
         ax.set_ylabel("val loss (nats/token)")
-        if ylim:
-            ax.set_ylim(*ylim)
+        if ylim_here:
+            ax.set_ylim(*ylim_here)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, frameon=False)
         ax.set_title(f"{out.name}: val loss, mean over seeds (band: min-max)", fontsize=10)
