@@ -183,10 +183,9 @@ def test_every_parameter_gets_a_gradient(case):
     assert not no_grad, f"parameters without a gradient: {no_grad}"
 
 
-@pytest.mark.parametrize("name", list(MODELS) + ["dcmha:dc_compose=factors"])
-def test_compile_equals_eager(name):
-    name, _, option = name.partition(":")
-    overrides = dict([option.split("=")]) if option else {}
+@pytest.mark.parametrize("case", [(name, {}) for name in MODELS] + [("dcmha", {"dc_compose": "factors"})], ids=case_id)
+def test_compile_equals_eager(case):
+    name, overrides = case
     model = perturb(make_model(name, dtype=torch.float32, n_layer=2, **overrides))
     idx = tokens()
     targets = torch.roll(idx, -1, dims=1)
@@ -664,6 +663,26 @@ def test_dca_k_at_least_n_layer_equals_full_dca(k):
         check(f"{k}-DCA (n_layer={L}) == full DCA", k_dca(idx)[0], full(idx)[0], 0)
 
 
+def check_efficient_equals_naive(label, model, naive_logits):
+    """model(idx) == naive_logits(model, idx), a torch.stack version of the same model, for the
+    logits AND every parameter's gradient (relative to its size) of a cross-entropy loss, in
+    float64 on one batch; -> (idx, the model's logits) for further checks."""
+    idx = tokens()
+    targets = torch.roll(idx, -1, dims=1)
+    loss = lambda logits: F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))  # noqa: E731
+    logits, _ = model(idx)  # (gpt.py's loss is in float32; here both losses stay in float64)
+    loss(logits).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    naive = naive_logits(model, idx)
+    loss(naive).backward()
+    check(f"{label}: efficient == naive, logits", logits, naive, 1e-10)
+    diff = max((grads[n] - p.grad).abs().max().item() / (1 + p.grad.abs().max().item())
+               for n, p in model.named_parameters())
+    check(f"{label}: efficient == naive, all gradients (relative)", torch.tensor(diff), torch.tensor(0.0), 1e-10)
+    return idx, logits
+
+
 NAIVE_CASES = [{"grn": v, "dca_k": k} for v in ("v1", "v2") for k in (0, 1, 2)] + [
     {"dca_k": k, "grn_relu_bias": relu_bias, "grn_norm": norm}
     for k in (0, 1, 2) for relu_bias in (False, True) for norm in (True, False)] + [
@@ -675,19 +694,7 @@ def test_dca_efficient_equals_naive_reference(overrides):
     """The stack-free path (StackSum, the gate norm once per entry, the running sum of k-DCA)
     == the spec's formulas with torch.stack, for the logits AND every parameter's gradient."""
     model = perturb_grns(perturb(make_model("dca", **overrides))).train()
-    idx = tokens()
-    targets = torch.roll(idx, -1, dims=1)
-    loss = lambda logits: F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-    logits, _ = model(idx)  # (gpt.py's loss is in float32; here both losses stay in float64)
-    loss(logits).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    naive = naive_dca_logits(model, idx)
-    loss(naive).backward()
-    check(f"dca {overrides}: efficient == naive, logits", logits, naive, 1e-10)
-    diff = max((grads[n] - p.grad).abs().max().item() / (1 + p.grad.abs().max().item())
-               for n, p in model.named_parameters())
-    check(f"dca {overrides}: efficient == naive, all gradients (relative)", torch.tensor(diff), torch.tensor(0.0), 1e-10)
+    idx, logits = check_efficient_equals_naive(f"dca {overrides}", model, naive_dca_logits)
     if model.config.grn == "v3":  # the perturbation really makes the relus clip (and pass) somewhere
         e = model.tok_emb(idx)
         z = torch.cat([gates_of(grn, e, relu_bias=model.config.grn_relu_bias).flatten() for grn in grn_modules(model)])

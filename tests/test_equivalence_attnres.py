@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import gpt
 import test_equivalence as shared
-from test_equivalence import make_model, perturb, copy_weights, tokens, check, decode_logits, TINY
+from test_equivalence import (make_model, perturb, copy_weights, tokens, check, check_efficient_equals_naive,
+                              decode_logits, TINY)
 
 import attnres  # noqa: E402  (registered by all_models)
 
@@ -217,20 +218,7 @@ def test_attnres_efficient_equals_naive_reference(overrides):
     matmul, the norm folded into w) == the formulas with torch.stack, F.rms_norm and einsum,
     after moving w and γ far from their init: the logits AND every parameter's gradient."""
     model = perturb_attnres(perturb(make_model("attnres", **overrides))).train()
-    idx = tokens()
-    targets = torch.roll(idx, -1, dims=1)
-    loss = lambda logits: F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # noqa: E731
-    logits, _ = model(idx)
-    loss(logits).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    naive = naive_attnres_logits(model, idx)
-    loss(naive).backward()
-    check(f"attnres {overrides}: efficient == naive, logits", logits, naive, 1e-10)
-    diff = max((grads[n] - p.grad).abs().max().item() / (1 + p.grad.abs().max().item())
-               for n, p in model.named_parameters())
-    check(f"attnres {overrides}: efficient == naive, all gradients (relative)",
-          torch.tensor(diff), torch.tensor(0.0), 1e-10)
+    idx, logits = check_efficient_equals_naive(f"attnres {overrides}", model, naive_attnres_logits)
     with torch.no_grad():  # the perturbed w really matter
         assert (zero_queries(model)(idx)[0] - logits).abs().max() > 1e-2
 

@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import gpt
 import test_equivalence as shared
-from test_equivalence import make_model, perturb, copy_weights, tokens, check, decode_logits, TINY, DEVICE
+from test_equivalence import (make_model, perturb, copy_weights, tokens, check, check_efficient_equals_naive,
+                              decode_logits, TINY, DEVICE)
 
 import muddformer  # noqa: E402  (registered by all_models)
 
@@ -160,20 +161,7 @@ def test_muddformer_efficient_equals_naive_reference(overrides):
     """The list stack and the addcmul chains == the stacked einsum, for the logits AND every
     parameter's gradient, with W2 and a far from their init."""
     model = perturb_das(perturb(make_model("muddformer", **overrides))).train()
-    idx = tokens()
-    targets = torch.roll(idx, -1, dims=1)
-    loss = lambda logits: F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))  # noqa: E731
-    logits, _ = model(idx)
-    loss(logits).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    naive = naive_mudd_logits(model, idx)
-    loss(naive).backward()
-    check(f"muddformer {overrides}: efficient == naive einsum, logits", logits, naive, 1e-10)
-    diff = max((grads[n] - p.grad).abs().max().item() / (1 + p.grad.abs().max().item())
-               for n, p in model.named_parameters())
-    check(f"muddformer {overrides}: efficient == naive, all gradients (relative)",
-          torch.tensor(diff), torch.tensor(0.0), 1e-10)
+    check_efficient_equals_naive(f"muddformer {overrides}", model, naive_mudd_logits)
 
 
 @pytest.mark.parametrize("norm", [False, True])
