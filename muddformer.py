@@ -146,7 +146,7 @@ class DepthAggregate(nn.Module):
             return self.a
         h = self.gen_norm(x) if self.gen_norm is not None else F.rms_norm(x, x.shape[-1:], eps=1e-6)
         w = self.w2(F.gelu(self.w1(h)))                      # (B, T, C·m)
-        return w.unflatten(-1, (self.C, self.m)) + self.a    # (B, T, C, m)
+        return w.view(*w.shape[:-1], self.C, self.m) + self.a  # (B, T, C, m)
 
     def forward(self, stack, x):
         # one weight tensor per (way, entry), as views: the backward stacks their gradients

@@ -185,16 +185,24 @@ def test_every_parameter_gets_a_gradient(case):
 
 @pytest.mark.parametrize("case", [(name, {}) for name in MODELS] + [("dcmha", {"dc_compose": "factors"})], ids=case_id)
 def test_compile_equals_eager(case):
+    """The compiled forward and backward against eager: the logits, the loss and every gradient."""
     name, overrides = case
     model = perturb(make_model(name, dtype=torch.float32, n_layer=2, **overrides))
     idx = tokens()
     targets = torch.roll(idx, -1, dims=1)
     eager_logits, eager_loss = model(idx, targets)
+    eager_loss.backward()
+    eager_grads = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
     torch._dynamo.reset()
     compiled = torch.compile(model)
     logits, loss = compiled(idx, targets)
+    loss.backward()
     check(f"{name}: torch.compile == eager (float32)", logits, eager_logits, 1e-4)
     check(f"{name}: torch.compile loss == eager loss", loss, eager_loss, 1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    worst = max(grads, key=lambda n: (grads[n] - eager_grads[n]).abs().max())
+    check(f"{name}: torch.compile gradients == eager (worst: {worst})", grads[worst], eager_grads[worst], 1e-4)
 
 
 BF16_TOLERANCE = 3e-2  # ‖logits_bf16 - logits_fp32‖ / ‖logits_fp32‖; bf16 keeps 8 bits of mantissa

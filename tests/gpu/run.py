@@ -336,7 +336,8 @@ def run_steps(args, specs, mode, logs, work):
     import torch
     budget = mode["budget"] if args.budget is None else args.budget
     r = Runner(logs, budget, args.device)
-    if budget:  # phase 1 must leave phase 2 its time (its share of the default budget)
+    steps = args.only.split(",") if args.only else ["equivalence", "explain", "train", "bench", "profile"]
+    if budget and {"bench", "profile"} & set(steps):  # phase 1 must leave phase 2 its share of the budget
         r.phase_deadline = r.deadline - budget * (mode["phase_2"] / mode["budget"] if mode["budget"] else 0.4)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     device_line = f"{where} | torch {torch.__version__} | python {sys.version.split()[0]}"
@@ -345,7 +346,6 @@ def run_steps(args, specs, mode, logs, work):
     (logs / "run.json").write_text(json.dumps({"device": device_line, "models": specs, "train_also": train_also,
                                                "argv": sys.argv[1:],
                                                "shapes": mode["shapes"], "loss_drop": mode["loss_drop"]}, indent=1))
-    steps = args.only.split(",") if args.only else ["equivalence", "explain", "train", "bench", "profile"]
     t0 = time.time()
     data_dir = work / "data"  # the offline corpus, capped: the runs are short
     r.run("prepare_data", [sys.executable, "prepare_data.py", f"--data_dir={data_dir}", "--max_tokens=3000000"])
