@@ -32,6 +32,11 @@ Options (the paper's ablations are config values):
   dc_static                    a learned static head-mixing matrix W_b (residual form)
   dc_rank, dc_hidden(_mult)    R, and C (the hidden width of the weight network, 4N)
   dc_compose                   how Compose is computed: matrix or factors (same result)
+  dc_float32_scores            the attention's scores, both Composes, the softmax and probs @ v
+                               in float32 even under bf16 autocast (default). In bf16, as the
+                               authors' JAX code runs them, DCMHA's loss blew up mid-run on an
+                               H200 and an H100 (1.9 -> 3.2 at step ~150) where the all-float32
+                               twin trained (results/gpu/h100-2026-11-26); off = the authors' way
   window, window_pattern       DCFormer++'s alternation of local (sliding window) and
                                global layers; qk_norm (on by default, as in DCFormer++)
 """
@@ -59,6 +64,7 @@ class DCMHAConfig(gpt.GPTConfig):
     dc_hidden_mult: int = 4       # C = dc_hidden_mult * n_head ...
     dc_hidden: int = 0            # ... unless C is given here (> 0)
     dc_compose: str = "matrix"    # matrix: Q_t, K_s as N x N matmuls | factors: the factorised form
+    dc_float32_scores: bool = True  # under bf16 autocast, keep the attention (logits to @ v) in float32
     query_chunk: int = 128        # queries per chunk of the attention (0 = all at once)
     window: int = 0               # keys a local layer sees, itself included (0 = all global)
     window_pattern: str = "LG"    # local (L) / global (G) layers, repeated over the depth
@@ -144,6 +150,7 @@ class DCMHAttention(gpt.CausalSelfAttention):
         if config.dc_static:  # one W_b per stage, used as a + a W_b
             self.Wb = nn.Parameter(torch.randn(len(self.stages), N, N) * 0.1 / math.sqrt(N))
         self.compose = compose_factors if config.dc_compose == "factors" else compose
+        self.float32_scores = config.dc_float32_scores
         pattern = config.window_pattern
         if config.window and pattern[layer_idx % len(pattern)] == "L":
             self.window = config.window
@@ -193,8 +200,18 @@ class DCMHAttention(gpt.CausalSelfAttention):
     def attend(self, q, k, v, x, ctx):
         """q (B, N, T, hd), k and v (B, N, S, hd) with the cache; x (B, T, D) the block's normed
         input, which the dynamic weights are computed from."""
-        T, S = q.size(2), k.size(2)
         mixes = self.mixing_factors(x, ctx) if self.compose is compose_factors else self.mixing_matrices(x, ctx)
+        if not self.float32_scores:
+            return self.attend_chunks(q, k, v, mixes)
+        wide = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 in the exactness tests
+        q, k, v = q.to(wide), k.to(wide), v.to(wide)
+        mixes = {stage: tuple(None if m is None else m.to(wide) for m in mix) for stage, mix in mixes.items()}
+        with torch.autocast(q.device.type, enabled=False):  # else autocast would run the matmuls in bf16
+            return self.attend_chunks(q, k, v, mixes)
+
+    def attend_chunks(self, q, k, v, mixes):
+        """The attention of T queries to S keys, a chunk of queries at a time."""
+        T, S = q.size(2), k.size(2)
         q = q * self.head_dim ** -0.5  # scale q, not the scores: Compose is linear
         start = S - T  # position of the first query; the keys are positions 0 .. S-1
         chunk = self.query_chunk or T

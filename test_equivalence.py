@@ -549,6 +549,29 @@ def test_dcmha_decode_caches_key_factors_for_every_key():
     assert cache.layers[0]["dc_key_factors"].shape == (2, idx.size(1), 2, 2 * R + 1, N)
 
 
+@pytest.mark.parametrize("float32_scores", [True, False])
+def test_dcmha_float32_scores_under_bf16_autocast(float32_scores):
+    """dc_float32_scores: under bf16 autocast the attention (logits, both Composes, softmax,
+    probs @ v) runs in float32, while the projections stay in bf16; off, it runs in bf16 as the
+    authors' code does. Either way the logits stay close to the all-float32 model's."""
+    model = perturb(make_model("dcmha", dtype=torch.float32, dc_float32_scores=float32_scores))
+    seen = []
+    for block in model.blocks:
+        attend_chunk = block.attn.attend_chunk
+        block.attn.attend_chunk = lambda q, k, v, *rest, f=attend_chunk: seen.append((q.dtype, k.dtype)) or f(q, k, v, *rest)
+    idx = tokens()
+    ref_logits, _ = model(idx)
+    seen.clear()
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        logits, _ = model(idx)
+    want = torch.float32 if float32_scores else torch.bfloat16
+    assert seen and all(dtypes == (want, want) for dtypes in seen), f"attention ran in {set(seen)}, not {want}"
+    assert logits.dtype == torch.bfloat16  # the lm head: still autocast's
+    rel = ((logits.float() - ref_logits).norm() / ref_logits.norm()).reshape(1)
+    check(f"dcmha dc_float32_scores={float32_scores}: bf16 autocast vs float32, relative logits error",
+          rel, torch.zeros(1), BF16_TOLERANCE)
+
+
 def test_dcmha_attention_has_no_graph_breaks():
     model = make_model("dcmha", dtype=torch.float32, window=4, query_chunk=8, dc_static=True, n_layer=2)
     torch._dynamo.reset()

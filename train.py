@@ -642,6 +642,8 @@ def resolve_device(name, local=0):
         device = torch.device("cuda", local) if name == "cuda" else torch.device(name)  # set_device needs an index
         if device.index >= torch.cuda.device_count():
             raise UserError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on the tensor cores, as nanoGPT
+        torch.backends.cudnn.allow_tf32 = True        # (what autocast leaves in float32: DCMHA's scores)
         return device
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device=mps but MPS is not available here; use --device=cpu")
