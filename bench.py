@@ -24,7 +24,7 @@ from dataclasses import fields
 import torch
 
 import gpt
-from train import ArgumentParser, UserError, device_name, peak_flops, resolve_device
+from train import ArgumentParser, UserError, run_cli, device_name, peak_flops, resolve_device
 from train import str2bool  # the flag parser's reading of true / false
 
 
@@ -204,8 +204,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

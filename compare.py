@@ -191,11 +191,23 @@ def train_run(item, out_root, results, total, progress):
     keep.mkdir(parents=True, exist_ok=True)
     (keep / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     run_info = {"run": name, "model": spec, "seed": seed, "length": length,
-                "command": "python " + " ".join(["train.py", *argv]), **facts, **environment(),
+                "command": shown_command("train.py", argv), **facts, **environment(),
                 "seconds_this_sitting": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     (keep / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
     print(f"    {name}: val {log[-1]['val']:.4f} after {log[-1]['step']} steps ({format_time(time.time() - t0)})", flush=True)
     return None
+
+
+def shown_command(script, argv):
+    """The command as the results record it, run from the repo: paths inside the repo relative
+    to it (--data_dir=data, not this machine's /home/.../data); others as they were."""
+    def shown(arg):
+        flag, eq, value = arg.partition("=")
+        path = Path(value)
+        if eq and path.is_absolute() and path.resolve().is_relative_to(ROOT):
+            return f"{flag}={path.resolve().relative_to(ROOT) or '.'}"
+        return arg
+    return " ".join(["python", script, *map(shown, argv)])
 
 
 def format_time(seconds):
@@ -499,7 +511,7 @@ def main(argv=None):
         return
     import gpt
     args.models = args.models.split(",") if args.models else list(gpt.all_models())
-    command = "python compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = shown_command("compare.py", sys.argv[1:] if argv is None else argv)
     info = {"commands": [command], "models": args.models, "seeds": args.seeds, "lengths": args.lengths,
             "train_flags": train_flags}
     results.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,10 @@ scores with one batched N x N matmul per token, and the identity as a plain sum
 (dc_compose="matrix"). dc_compose="factors" never forms Q_t or K_s either: the factorised form,
 contractions over the heads written as broadcast products and sums, which torch.compile fuses
 into a few passes over the scores (on the GPU the matmuls, with an inner dimension of N, run
-as tiny tensor-core tiles). Both are the same function. Fused attention kernels cannot be used (the
+as tiny tensor-core tiles). dc_compose="folded" moves the contractions over the heads into the
+attention's own matmuls: the low-rank terms become R extra "heads" of width D = N·hd in q·kᵀ
+and in probs @ v (fold_pre_compose, fold_post_compose), the rest is elementwise. All three are
+the same function. Fused attention kernels cannot be used (the
 score tensor must exist to be composed); queries are processed in chunks, so the transient
 (B, chunk, N, S) score tensors bound the memory, and no chunk computes scores for keys that
 its queries cannot see.
@@ -31,7 +34,7 @@ Options (the paper's ablations are config values):
   dc_query_wise, dc_key_wise   the dynamic weights read at the query / at the key
   dc_static                    a learned static head-mixing matrix W_b (residual form)
   dc_rank, dc_hidden(_mult)    R, and C (the hidden width of the weight network, 4N)
-  dc_compose                   how Compose is computed: matrix or factors (same result)
+  dc_compose                   how Compose is computed: matrix, factors or folded (same result)
   dc_float32_scores            the attention's scores, both Composes, the softmax and probs @ v
                                in float32 even under bf16 autocast (default). In bf16, as the
                                authors' JAX code runs them, DCMHA's loss blew up mid-run on an
@@ -63,7 +66,7 @@ class DCMHAConfig(gpt.GPTConfig):
     dc_rank: int = 2              # R, rank of each dynamic projection
     dc_hidden_mult: int = 4       # C = dc_hidden_mult * n_head ...
     dc_hidden: int = 0            # ... unless C is given here (> 0)
-    dc_compose: str = "matrix"    # matrix: Q_t, K_s as N x N matmuls | factors: the factorised form
+    dc_compose: str = "matrix"    # matrix: Q_t, K_s as N x N matmuls | factors: the factorised form | folded
     dc_float32_scores: bool = True  # under bf16 autocast, keep the attention (logits to @ v) in float32
     query_chunk: int = 128        # queries per chunk of the attention (0 = all at once)
     window: int = 0               # keys a local layer sees, itself included (0 = all global)
@@ -79,8 +82,8 @@ class DCMHAConfig(gpt.GPTConfig):
             raise ValueError("dc_pre and dc_post are both off: nothing left to compose")
         if not (self.dc_query_wise or self.dc_key_wise or self.dc_static):
             raise ValueError("dc_query_wise, dc_key_wise and dc_static are all off: nothing to compose with")
-        if self.dc_compose not in ("matrix", "factors"):
-            raise ValueError(f"dc_compose={self.dc_compose!r}: choose matrix or factors")
+        if self.dc_compose not in ("matrix", "factors", "folded"):
+            raise ValueError(f"dc_compose={self.dc_compose!r}: choose matrix, factors or folded")
         for name in ("dc_rank", "dc_hidden_mult"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -125,6 +128,68 @@ def compose_factors(a, query_factors, key_factors, static):
     return out
 
 
+def split_factors(factors):
+    """(..., 2R+1, N) -> w1 (..., R, N), w2 (..., R, N), dd (..., N)."""
+    R = factors.size(-2) // 2
+    return factors[..., :R, :], factors[..., R:2 * R, :], factors[..., 2 * R, :]
+
+
+def fold_pre_compose(logits, q, k, query_factors, key_factors, static):
+    """Compose of the logits, folded into the q·kᵀ matmul: no N x N matmul, no contraction over
+    the heads of a (B, N, T, S) tensor. The query part's low-rank term contracts the heads' logits,
+        Σ_n qw1[i, n](t) · q_n(t)·k_n(s) = q̃_i(t)·k(s),   q̃_i(t) = [qw1[i, n](t) q_n(t)]_n   (a D-vector),
+    so it is R more "heads" of width D = N·hd, one big matmul; the key part likewise with
+    k̃_i(s) = [kw1[i, n](s) k_n(s)]_n; what is left is elementwise:
+        out[m] = logits[m] (1 + qdd[m](t) + kdd[m](s)) + Σ_i qw2[i, m](t) h_i + Σ_i kw2[i, m](s) h'_i.
+    logits (B, N, T, S), q (B, N, T, hd), k (B, N, S, hd); factors and W_b as compose_factors'."""
+    B, N, T, S = logits.shape
+    out = logits if static is None else logits + torch.einsum("nm,bnts->bmts", static, logits)
+    q_heads, k_heads = q.transpose(1, 2), k.transpose(1, 2)                         # (B, T|S, N, hd)
+    if query_factors is not None:
+        w1, w2, dd = split_factors(query_factors)                                   # (B, T, R, N), ..., (B, T, N)
+        q_tilde = (w1[..., None] * q_heads[:, :, None]).flatten(-2)                # (B, T, R, D)
+        h = (q_tilde.flatten(1, 2) @ k_heads.flatten(-2).mT).view(B, T, -1, S)     # (B, T, R, S)
+        out = out + logits * dd.mT[..., None]
+        for i in range(h.size(2)):
+            out = out + w2[:, :, i].mT[..., None] * h[:, None, :, i]                # (B, N, T, S)
+    if key_factors is not None:
+        w1, w2, dd = split_factors(key_factors)                                     # (B, S, R, N), ..., (B, S, N)
+        k_tilde = (w1[..., None] * k_heads[:, :, None]).flatten(-2)                # (B, S, R, D)
+        h = (q_heads.flatten(-2) @ k_tilde.flatten(1, 2).mT).view(B, T, S, -1)     # (B, T, S, R)
+        out = out + logits * dd.mT[:, :, None]
+        for i in range(h.size(3)):
+            out = out + w2[:, :, i].mT[:, :, None] * h[:, None, :, :, i]            # (B, N, T, S)
+    return out
+
+
+def fold_post_compose(probs, v, query_factors, key_factors, static):
+    """Compose of the probabilities, then @ v, folded into matmuls of width D:
+        Σ_s Compose(P)[m](t, s) v_m(s) = (1 + qdd[m](t)) (P_m @ v_m) + P_m @ (kdd[m] ⊙ v_m)
+            + Σ_i qw2[i, m](t) (g_i @ v)_m + Σ_i (g'_i @ (kw2[i, m] ⊙ v_m))_m,
+    with g_i(t, s) = Σ_n qw1[i, n](t) P_n(t, s) and g'_i(t, s) = Σ_n kw1[i, n](s) P_n(t, s): the
+    heads' probabilities contracted to R maps each, which meet v in one (T x S) @ (S x D) matmul.
+    probs (B, N, T, S), v (B, N, S, hd) -> (B, N, T, hd); factors and W_b as compose_factors'."""
+    B, N, T, S = probs.shape
+    attended = probs @ v                                                            # (B, N, T, hd)
+    out = attended
+    if static is not None:
+        out = out + torch.einsum("nm,bnts->bmts", static, probs) @ v
+    v_heads = v.transpose(1, 2)                                                     # (B, S, N, hd)
+    if query_factors is not None:
+        w1, w2, dd = split_factors(query_factors)                                   # (B, T, R, N)
+        g = sum(w1[:, :, :, n].mT[..., None] * probs[:, None, n] for n in range(N))  # (B, R, T, S)
+        gv = (g @ v_heads.flatten(-2)[:, None]).view(B, -1, T, N, v.size(-1))      # (B, R, T, N, hd)
+        out = out + attended * dd.mT[..., None] + (w2.permute(0, 2, 3, 1)[..., None] * gv.transpose(2, 3)).sum(1)
+    if key_factors is not None:
+        w1, w2, dd = split_factors(key_factors)                                     # (B, S, R, N)
+        out = out + probs @ (v * dd.mT[..., None])
+        g = sum(w1[:, :, :, n].mT[:, :, None] * probs[:, None, n] for n in range(N))  # (B, R, T, S)
+        v_scaled = (w2[..., None] * v_heads[:, :, None]).transpose(1, 2)            # (B, R, S, N, hd)
+        gv = (g @ v_scaled.flatten(-2)).sum(1).view(B, T, N, v.size(-1))            # (B, T, N, hd)
+        out = out + gv.transpose(1, 2)
+    return out
+
+
 def mixing_matrix(factors):
     """factors (..., 2R+1, N) = [w1 (R rows); w2 (R rows); dd] -> w1ᵀ w2 + diag(dd) (..., N, N)."""
     R = factors.size(-2) // 2
@@ -149,7 +214,8 @@ class DCMHAttention(gpt.CausalSelfAttention):
             self.Wdd = nn.Parameter(torch.randn(D, n_sets, N) * math.sqrt(2 / (D + N)) * 0.005)
         if config.dc_static:  # one W_b per stage, used as a + a W_b
             self.Wb = nn.Parameter(torch.randn(len(self.stages), N, N) * 0.1 / math.sqrt(N))
-        self.compose = compose_factors if config.dc_compose == "factors" else compose
+        self.compose = compose if config.dc_compose == "matrix" else compose_factors  # (folded: for probes)
+        self.folded = config.dc_compose == "folded"
         self.float32_scores = config.dc_float32_scores
         pattern = config.window_pattern
         if config.window and pattern[layer_idx % len(pattern)] == "L":
@@ -228,6 +294,8 @@ class DCMHAttention(gpt.CausalSelfAttention):
 
     def attend_chunk(self, q, k, v, mask, mixes):
         """In this order: logits, compose, mask, softmax (in float32 or wider), compose, @ v."""
+        if self.folded:
+            return self.attend_chunk_folded(q, k, v, mask, mixes)
         logits = (q @ k.mT).transpose(1, 2)                                         # (B, Tc, N, Sc)
         if "pre" in mixes:
             logits = self.compose(logits, *mixes["pre"])
@@ -238,6 +306,15 @@ class DCMHAttention(gpt.CausalSelfAttention):
             # probabilities (exact zeros) stay exact zeros and need no second mask
             probs = self.compose(probs, *mixes["post"])
         return probs.transpose(1, 2) @ v                                            # (B, N, Tc, hd)
+
+    def attend_chunk_folded(self, q, k, v, mask, mixes):
+        """attend_chunk with both Composes folded into matmuls of width D (dc_compose=folded)."""
+        logits = q @ k.mT                                                           # (B, N, Tc, Sc)
+        if "pre" in mixes:
+            logits = fold_pre_compose(logits, q, k, *mixes["pre"])
+        logits = logits.masked_fill(~mask, float("-inf"))
+        probs = F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
+        return fold_post_compose(probs, v, *mixes["post"]) if "post" in mixes else probs @ v
 
 
 class DCFormer(gpt.GPT):

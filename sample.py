@@ -15,7 +15,7 @@ import torch
 
 import gpt
 from prepare_data import get_tokenizer
-from train import ArgumentParser, UserError, load_checkpoint, resolve_device
+from train import ArgumentParser, UserError, run_cli, load_checkpoint, resolve_device
 
 
 def read_prompt(start):
@@ -95,12 +95,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except BrokenPipeError:  # | head: the reader has what it wanted
-        sys.stderr.close()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

@@ -50,6 +50,9 @@ CASES = [(name, {}) for name in MODELS] + [
     ("dcmha", {"dc_compose": "factors", "window": 4, "query_chunk": 5}),
     ("dcmha", {"dc_compose": "factors", "dc_static": True, "dc_post": False, "query_chunk": 3}),
     ("dcmha", {"dc_compose": "factors", "dc_query_wise": False, "dc_key_wise": False, "dc_static": True}),
+    ("dcmha", {"dc_compose": "folded", "window": 4, "query_chunk": 5}),
+    ("dcmha", {"dc_compose": "folded", "dc_static": True, "dc_pre": False, "query_chunk": 3}),
+    ("dcmha", {"dc_compose": "folded", "dc_query_wise": False, "n_head": 2, "dc_rank": 3}),
     ("dca", {"dca_k": 1}),
     ("dca", {"dca_k": 2}),
     ("dca", {"grn": "v1"}),
@@ -102,6 +105,22 @@ def copy_weights(src, dst):
             else:
                 missing.append(name)
     return missing
+
+
+def gpt_and_multiway(name, **overrides):
+    """A perturbed gpt and a model of a multi-way kind (DCA, MUDDFormer: separate q, k, v and
+    MLP inputs, each with its own norm) carrying gpt's weights: the attention and MLP by name,
+    gpt's norm_1 -> norm_q/k/v, norm_2 -> norm_m. Returns (gpt, model, the names gpt lacked)."""
+    base = perturb(make_model("gpt", **{k: v for k, v in overrides.items() if k in ("mlp",)}))
+    model = make_model(name, **overrides)
+    missing = copy_weights(base, model)
+    with torch.no_grad():
+        for src, dst in zip(base.blocks, model.blocks):
+            for norm in (dst.norm_q, dst.norm_k, dst.norm_v):
+                if norm is not None:
+                    norm.weight.copy_(src.norm_1.weight)
+            dst.norm_m.weight.copy_(src.norm_2.weight)
+    return base, model, missing
 
 
 def tokens(B=2, T=TINY["block_size"], seed=0, vocab=TINY["vocab_size"]):
@@ -183,7 +202,8 @@ def test_every_parameter_gets_a_gradient(case):
     assert not no_grad, f"parameters without a gradient: {no_grad}"
 
 
-@pytest.mark.parametrize("case", [(name, {}) for name in MODELS] + [("dcmha", {"dc_compose": "factors"})], ids=case_id)
+@pytest.mark.parametrize("case", [(name, {}) for name in MODELS] + [("dcmha", {"dc_compose": c}) for c in ("factors", "folded")],
+                         ids=case_id)
 def test_compile_equals_eager(case):
     """The compiled forward and backward against eager: the logits, the loss and every gradient."""
     name, overrides = case
@@ -402,10 +422,10 @@ def test_dcmha_zero_dynamic_weights_equals_gpt(window, static):
 
 @pytest.mark.parametrize("n_head,rank", [(1, 2), (2, 1), (3, 3), (4, 2), (4, 1), (2, 3)])
 @pytest.mark.parametrize("window,chunk,static", [(0, 0, True), (4, 5, False), (0, 3, False)])
-@pytest.mark.parametrize("compose", ["matrix", "factors"])
+@pytest.mark.parametrize("compose", ["matrix", "factors", "folded"])
 def test_dcmha_attention_equals_explicit_W_ts(n_head, rank, window, chunk, static, compose):
-    """The per-token Q_t + K_s form (compose=matrix) and the factorised form (factors), chunked,
-    == W_ts materialised per (t, s), in float64, with random non-zero weights. Also checks R and
+    """The per-token Q_t + K_s form (compose=matrix), the factorised form (factors) and the form
+    folded into the q·kᵀ and probs @ v matmuls (folded), chunked, == W_ts materialised per (t, s), in float64, with random non-zero weights. Also checks R and
     C come from the config."""
     model = make_model("dcmha", n_embd=48, n_head=n_head, dc_rank=rank, dc_hidden=7 if static else 0,
                        window=window, query_chunk=chunk, dc_static=static, dc_compose=compose)
@@ -656,15 +676,7 @@ def naive_dca_logits(model, idx):
 def gpt_and_dca(**overrides):
     """A perturbed gpt and a DCA at its init (b = 1, w = 0) carrying gpt's weights: the
     attention and MLP by name, norm_1 -> norm_q/k/v, norm_2 -> norm_m."""
-    base = perturb(make_model("gpt", **{k: v for k, v in overrides.items() if k in ("mlp",)}))
-    model = make_model("dca", **overrides)
-    missing = copy_weights(base, model)
-    with torch.no_grad():
-        for src, dst in zip(base.blocks, model.blocks):
-            for norm in (dst.norm_q, dst.norm_k, dst.norm_v):
-                if norm is not None:
-                    norm.weight.copy_(src.norm_1.weight)
-            dst.norm_m.weight.copy_(src.norm_2.weight)
+    base, model, missing = gpt_and_multiway("dca", **overrides)
     assert all(".grn" in n or n.startswith("grn_f") or ".norm_" in n for n in missing), missing
     return base, model
 

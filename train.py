@@ -913,16 +913,26 @@ class Trainer:
             raise
 
 
-if __name__ == "__main__":
+def run_cli(main, disk_hint="", interrupted=""):
+    """A script's entry point: a UserError, or an OSError from the disk (full, read-only, no
+    permission), is one line on stderr and exit 2; a closed pipe (| head) ends quietly; Ctrl-C
+    exits 130 after the line `interrupted`."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except OSError as e:  # the disk: full, read-only, no permission (the checkpoint's own are UserErrors)
-        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-              + " (free some disk space or give another --out_dir)", file=sys.stderr)
+    except BrokenPipeError:  # | head: the reader has what it wanted
+        sys.stderr.close()
+    except OSError as e:
+        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else "") + disk_hint, file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is what was saved at the last eval", file=sys.stderr)
+        if interrupted:
+            print(interrupted, file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_cli(main, disk_hint=" (free some disk space or give another --out_dir)",  # the checkpoint's own are UserErrors
+            interrupted="interrupted; the last checkpoint is what was saved at the last eval")

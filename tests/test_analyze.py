@@ -8,34 +8,18 @@ logits do not move), they reproduce each attention's output, and each paper gets
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import analyze
+from conftest import run
 import gpt
 from test_equivalence import make_model, perturb, tokens, TINY
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
               "--eval_iters=2", "--log_interval=10", "--warmup_iters=2", "--max_iters=20", "--eval_interval=20"]
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def run(args):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    run(["prepare_data.py", f"--data_dir={d}", "--max_tokens=300000"])
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +99,7 @@ CASES = [(name, {}) for name in gpt.all_models()] + [
     ("resformer", {"value_residual": "learnable_plus"}),
     ("dcmha", {"window": 4, "query_chunk": 5}),
     ("dcmha", {"dc_post": False, "dc_key_wise": False, "dc_static": True}),
+    ("dcmha", {"dc_compose": "folded", "window": 4, "query_chunk": 5}),
     ("dca", {"dca_k": 1, "grn_relu_bias": True}),
     ("dca", {"grn": "v1", "dca_qkv": False}),
 ] + [(name, o) for name, o in (("muddformer", {"mudd_streams": "vr", "mudd_layers": 2}),

@@ -21,14 +21,6 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
         "--log_interval=2", "--warmup_iters=2"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, "prepare_data.py", f"--data_dir={d}", "--max_tokens=300000"], cwd=ROOT, check=True,
-                   capture_output=True)
-    return d
-
-
 def compare_cmd(tmp, data_dir, *extra):
     return [sys.executable, "compare.py", f"--results={tmp / 'results'}", f"--data_dir={data_dir}",
             f"--out_dir={tmp / 'out'}", *TINY, *extra]
@@ -166,3 +158,11 @@ def test_flops_per_token_matches_the_flop_counter(name, overrides):
     counted = counter.get_total_flops() / idx.numel()
     claimed = model.flops_per_token(64) / 3
     assert abs(claimed / counted - 1) < 0.05, f"{name} {overrides}: claims {claimed:.0f} FLOPs/token, counted {counted:.0f}"
+
+
+def test_recorded_commands_show_repo_paths_relative(tmp_path):
+    """compare.json and run.json record commands a reader can rerun from the repo: no absolute
+    path into this machine's checkout, paths outside it unchanged."""
+    shown = compare.shown_command("train.py", [f"--data_dir={ROOT / 'data'}", f"--out_dir={tmp_path}", "--n_layer=8",
+                                               f"--results={ROOT}"])
+    assert shown == f"python train.py --data_dir=data --out_dir={tmp_path} --n_layer=8 --results=."

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import gpt
 import test_equivalence as shared
-from test_equivalence import (make_model, perturb, copy_weights, tokens, check, check_efficient_equals_naive,
+from test_equivalence import (make_model, perturb, tokens, check, check_efficient_equals_naive,
                               decode_logits, TINY, DEVICE)
 
 import muddformer  # noqa: E402  (registered by all_models)
@@ -67,15 +67,7 @@ def perturb_das(model, scale=0.5, seed=2):
 def gpt_and_mudd(**overrides):
     """A perturbed gpt and a MUDDFormer at its init without re-allocation, carrying gpt's
     weights: the attention and MLP by name, norm_1 -> norm_q/k/v, norm_2 -> norm_m."""
-    base = perturb(make_model("gpt", **{k: v for k, v in overrides.items() if k in ("mlp",)}))
-    model = make_model("muddformer", mudd_realloc=False, **overrides)
-    missing = copy_weights(base, model)
-    with torch.no_grad():
-        for src, dst in zip(base.blocks, model.blocks):
-            for norm in (dst.norm_q, dst.norm_k, dst.norm_v):
-                if norm is not None:
-                    norm.weight.copy_(src.norm_1.weight)
-            dst.norm_m.weight.copy_(src.norm_2.weight)
+    base, model, missing = shared.gpt_and_multiway("muddformer", mudd_realloc=False, **overrides)
     assert all(n.startswith(("das.", "stack_norms.")) or ".norm_" in n for n in missing), missing
     return base, model
 

@@ -5,7 +5,6 @@ resume -> sample, exact resume, DDP == one process, and the clear errors for use
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,24 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 sys.path.insert(0, ROOT)
 import gpt  # noqa: E402
+from conftest import run  # noqa: E402
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--eval_iters=2", "--log_interval=1", "--warmup_iters=2"]
-
-
-def run(args, cwd=ROOT, env=None, check=True):
-    result = subprocess.run([PY, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The offline default corpus (this Python's standard library), capped to stay fast."""
-    d = tmp_path_factory.mktemp("data")
-    run(["prepare_data.py", f"--data_dir={d}", "--max_tokens=400000"])
-    return d
 
 
 def read_log(out_dir):

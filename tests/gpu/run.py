@@ -65,10 +65,12 @@ MODES = {
 
 
 def model_specs():
-    """Every registered model at its defaults and k-DCA with k = 2. (DCMHA's factorised compose,
-    dc_compose=factors, was timed on an H100 once: 6.9x gpt's step against the matmuls' 1.9x.)"""
+    """Every registered model at its defaults, k-DCA with k = 2, and DCMHA's Compose folded into
+    D-wide matmuls (dc_compose=folded: no N x N tiles; is it faster than the matmul form on the
+    GPU?). (The factorised compose, dc_compose=factors, was timed on an H100 once: 6.9x gpt's
+    step against the matmuls' 1.9x.)"""
     import gpt
-    return list(gpt.all_models()) + ["dca:dca_k=2"]
+    return list(gpt.all_models()) + ["dca:dca_k=2", "dcmha:dc_compose=folded"]
 
 
 SLOWEST_TO_COMPILE = ("dcmha", "dca", "attnres", "muddformer")  # as timed on an H100
