@@ -24,10 +24,9 @@ into a few passes over the scores (on the GPU the matmuls, with an inner dimensi
 as tiny tensor-core tiles). dc_compose="folded" moves the contractions over the heads into the
 attention's own matmuls: the low-rank terms become R extra "heads" of width D = N·hd in q·kᵀ
 and in probs @ v (fold_pre_compose, fold_post_compose), the rest is elementwise. All three are
-the same function. Fused attention kernels cannot be used (the
-score tensor must exist to be composed); queries are processed in chunks, so the transient
-(B, chunk, N, S) score tensors bound the memory, and no chunk computes scores for keys that
-its queries cannot see.
+the same function. Fused attention kernels cannot be used (the score tensor must exist to be
+composed); queries are processed in chunks, so the transient (B, chunk, N, S) score tensors
+bound the memory, and no chunk computes scores for keys that its queries cannot see.
 
 Options (the paper's ablations are config values):
   dc_pre, dc_post              compose the logits / the probabilities
