@@ -42,9 +42,10 @@ Options (the paper's ablations):
 Efficiency. The stack is a Python list: an entry is made once and read in place by every
 later GRN, never copied into an (m, B, T, d) tensor. The weighted sums are StackSum, whose
 hand-written backward keeps no (B, T, d) tensor per (GRN, entry) pair (autograd would: O(L^2)
-memory); under torch.compile they are plain sums, which inductor fuses and recomputes. All the gates of an entry, for every GRN that will read it, are one projection of its
-LayerNorm made once (the norm's affine part folds into w). k-DCA keeps its sum slot as a
-running sum, so its cost is O(L k).
+memory); under torch.compile they are plain sums, which inductor fuses and recomputes. All the
+gates of an entry, for every GRN that will read it, are one projection of its LayerNorm made
+once (the norm's affine part folds into w). k-DCA keeps its sum slot as a running sum, so its
+cost is O(L k).
 
 On relu at 0. w starts at exactly 0, so w·n(s) = 0 for every token. torch.relu (and
 jax.nn.relu) take the derivative 0 at 0, so with the formula's placement w would get NO

@@ -191,8 +191,7 @@ def fold_post_compose(probs, v, query_factors, key_factors, static):
 
 def mixing_matrix(factors):
     """factors (..., 2R+1, N) = [w1 (R rows); w2 (R rows); dd] -> w1ᵀ w2 + diag(dd) (..., N, N)."""
-    R = factors.size(-2) // 2
-    w1, w2, dd = factors[..., :R, :], factors[..., R:2 * R, :], factors[..., 2 * R, :]
+    w1, w2, dd = split_factors(factors)
     low_rank = (w1[..., :, :, None] * w2[..., :, None, :]).sum(-3)  # sum_i w1[i, n] w2[i, m]
     return low_rank + torch.diag_embed(dd)
 

@@ -425,8 +425,8 @@ def test_dcmha_zero_dynamic_weights_equals_gpt(window, static):
 @pytest.mark.parametrize("compose", ["matrix", "factors", "folded"])
 def test_dcmha_attention_equals_explicit_W_ts(n_head, rank, window, chunk, static, compose):
     """The per-token Q_t + K_s form (compose=matrix), the factorised form (factors) and the form
-    folded into the q·kᵀ and probs @ v matmuls (folded), chunked, == W_ts materialised per (t, s), in float64, with random non-zero weights. Also checks R and
-    C come from the config."""
+    folded into the q·kᵀ and probs @ v matmuls (folded), chunked, == W_ts materialised per
+    (t, s), in float64, with random non-zero weights. Also checks R and C come from the config."""
     model = make_model("dcmha", n_embd=48, n_head=n_head, dc_rank=rank, dc_hidden=7 if static else 0,
                        window=window, query_chunk=chunk, dc_static=static, dc_compose=compose)
     attn = perturb(model, scale=0.5).blocks[0].attn

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = sys.executable
 sys.path.insert(0, ROOT)
 import gpt  # noqa: E402
 from conftest import run  # noqa: E402
