@@ -52,22 +52,26 @@ def test_tiny_grid_makes_the_table_summary_and_plots(data_dir, tmp_path):
 
 
 def test_a_killed_grid_resumes_without_redoing_finished_runs(data_dir, tmp_path):
+    # 40 eval batches per checkpoint (every 5 steps) keep the second run busy for seconds after
+    # its first checkpoint, on a fast machine too: the kill lands mid-way, not after its last step
     cmd = compare_cmd(tmp_path, data_dir, "--name=kill", "--models=gpt,resformer", "--seeds=1",
-                      "--max_iters=60", "--eval_interval=5")
+                      "--max_iters=60", "--eval_interval=5", "--eval_iters=40")
     runs = tmp_path / "results" / "kill" / "runs"
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     deadline = time.time() + 300
     second = tmp_path / "out" / "kill" / "resformer-s1" / "ckpt.pt"
     while not ((runs / "gpt-s1" / "run.json").exists() and second.exists()) and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # compare.py and its train.py, mid-way through the second run
     proc.wait()
+    killed_at = compare.read_log(tmp_path / "out" / "kill" / "resformer-s1" / "log.jsonl")[-1]["step"]
+    assert 5 <= killed_at < 60, f"the kill came at step {killed_at}, not mid-way: nothing to resume"
     assert (runs / "gpt-s1" / "run.json").exists() and not (runs / "resformer-s1").exists()
     first = (runs / "gpt-s1" / "run.json").read_text()
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 already finished, 1 to train" in result.stdout and "resformer-s1: resuming at step" in result.stdout
+    assert "1 already finished, 1 to train" in result.stdout and f"resformer-s1: resuming at step {killed_at}" in result.stdout
     assert (runs / "gpt-s1" / "run.json").read_text() == first  # not trained again
     log = compare.read_log(runs / "resformer-s1" / "log.jsonl")
     logged = sorted(set(range(2, 61, 2)) | set(range(5, 61, 5)))
