@@ -93,7 +93,7 @@ def memory_probe(spec, args):
     print(rss_mb("VmHWM") - before)
 
 
-def main():
+def parse_args():
     parser = ArgumentParser(prog="bench.py", description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     parser.add_argument("--models", default="", help="comma-separated model[:key=value;key=value] specs; default: all")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -114,8 +114,6 @@ def main():
                         help="only compile the given models and run their warm-up steps, timing nothing: fills "
                              "inductor's on-disk cache, so that a later timed run (alone) compiles in seconds")
     args = parser.parse_args()
-    if args.memory_probe:
-        return memory_probe(args.memory_probe, args)
     for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size", "repeats"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key}={getattr(args, key)} must be >= 1")
@@ -124,21 +122,22 @@ def main():
             raise UserError(f"--{key}={getattr(args, key)} must be >= 0")
     if args.models and not all(args.models.split(",")):
         raise UserError(f"--models={args.models} has an empty spec; give comma-separated model[:key=value] specs")
+    return args
 
-    specs = args.models.split(",") if args.models else list(gpt.all_models())
-    if "gpt" not in specs and not args.warm_cache:
-        specs.insert(0, "gpt")
-    device = resolve_device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                            "cpu" if args.device == "auto" else args.device)
-    if args.warm_cache:
-        for spec in specs:
-            model, _, _ = build(spec, args, device)
-            step = make_step(model, args, device)
-            for _ in range(max(args.warmup, 1)):
-                step()
-        return
+
+def warm_cache(specs, args, device):
+    """Compile each model and run its warm-up steps, timing nothing (--warm_cache)."""
+    for spec in specs:
+        model, _, _ = build(spec, args, device)
+        step = make_step(model, args, device)
+        for _ in range(max(args.warmup, 1)):
+            step()
+
+
+def time_steps(specs, args, device):
+    """Build every model, warm it up (and compile it), then time its steps interleaved with the
+    others': {spec: {"params", "flops_per_token", "kv_bytes_per_token", "step", "times"}}."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
     runs = {}
     for spec in specs:
         model, n_params, flops = build(spec, args, device)
@@ -154,7 +153,11 @@ def main():
             run["step"]()
             sync()
             run["times"].append(time.perf_counter() - t0)
+    return runs
 
+
+def measure_memory(runs, args, device):
+    """run["mem"], MiB: CUDA's peak allocated memory of one step, or (CPU) a fresh process's RSS gain."""
     for spec, run in runs.items():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -165,10 +168,11 @@ def main():
                 f"--{k}={getattr(args, k)}" for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size")]
             run["mem"] = float(subprocess.run(probe, capture_output=True, text=True, check=True).stdout.split()[-1])
 
+
+def result_rows(runs, args, peak):
+    """One row per model: speed, MFU (None without a known peak), memory and KV cache, and their ratios to gpt."""
     base_ms = statistics.median(runs["gpt"]["times"]) * 1000
     base_mem = runs["gpt"]["mem"]
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
-    peak = peak_flops(device_name(device), dtype, args.peak_flops)
     rows = []
     for spec, run in runs.items():
         ms = statistics.median(run["times"]) * 1000
@@ -180,9 +184,10 @@ def main():
                      "mem_ratio_to_gpt": round(run["mem"] / base_mem, 3),
                      "kv_bytes_per_token": run["kv_bytes_per_token"],  # float32, after block_size tokens
                      "kv_ratio_to_gpt": round(run["kv_bytes_per_token"] / runs["gpt"]["kv_bytes_per_token"], 3)})
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return
+    return rows
+
+
+def print_table(rows, args, device, dtype):
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     title = (f"{where} | {dtype} | batch {args.batch_size} x {args.block_size} tokens | n_layer {args.n_layer} "
              f"n_head {args.n_head} n_embd {args.n_embd} vocab {args.vocab_size} | fwd+bwd, median of {args.repeats}"
@@ -201,6 +206,27 @@ def main():
     for r in rows:
         print(f"{r['model']:<28} {r['params']:>11,} {r['ms_per_step']:>9.1f} {r['tokens_per_s']:>9,} {mfu(r):>6} "
               f"{r['peak_mem_mb']:>8.0f} {r['ratio_to_gpt']:>7.3f} {r['mem_ratio_to_gpt']:>9.3f} {r['kv_ratio_to_gpt']:>8.3f}")
+
+
+def main():
+    args = parse_args()
+    if args.memory_probe:
+        return memory_probe(args.memory_probe, args)
+    specs = args.models.split(",") if args.models else list(gpt.all_models())
+    device = resolve_device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                            "cpu" if args.device == "auto" else args.device)
+    if args.warm_cache:
+        return warm_cache(specs, args, device)
+    if "gpt" not in specs:
+        specs.insert(0, "gpt")
+    runs = time_steps(specs, args, device)
+    measure_memory(runs, args, device)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    rows = result_rows(runs, args, peak_flops(device_name(device), dtype, args.peak_flops))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print_table(rows, args, device, dtype)
 
 
 if __name__ == "__main__":
