@@ -153,13 +153,22 @@ class Probes:
         self.add("token_importance_entropy", layer, entropy.sum(), entropy.numel())
 
     def wrap_attention(self, attn):
-        """Wrap attn.attend (and DCMHA's attend_chunk and mixing_matrices) to record what it
+        """Wrap attn.attend (and DCMHA's attend_chunk and mixing_factors) to record what it
         does; return the names of the wrapped methods."""
-        probes, layer = self, attn.layer_idx
-        attend = attn.attend
-        state = {}
+        state = {}   # what attend tells the chunk probe: the chunk's place, the float type, the importance
+        attn.attend = self.attend_probe(attn, state)
+        if not isinstance(attn, dcmha.DCMHAttention):
+            return ["attend"]
+        attn.attend_chunk = self.attend_chunk_probe(attn, state)
+        attn.mixing_factors = self.mixing_factors_probe(attn)
+        return ["attend", "attend_chunk", "mixing_factors"]
 
-        def attend_probe(q, k, v, x, ctx):
+    def attend_probe(self, attn, state):
+        """attn.attend, recording values and importance; for SDPA also the attention probabilities,
+        recomputed (DCMHA records its own, chunk by chunk, in attend_chunk_probe)."""
+        probes, layer, attend = self, attn.layer_idx, attn.attend
+
+        def probe(q, k, v, x, ctx):
             B, N, T, _ = q.shape
             S = k.size(2)
             wide = torch.promote_types(q.dtype, torch.float32)   # float32, or the model's float64
@@ -175,55 +184,57 @@ class Probes:
                 probes.record_attention(layer, probs, mask, positions[S - T:], positions, state["importance"])
             probes.record_importance(layer, state["importance"])
             return y
+        return probe
 
-        attn.attend = attend_probe
-        wrapped = ["attend"]
-        if isinstance(attn, dcmha.DCMHAttention):
-            attend_chunk, mixing_factors = attn.attend_chunk, attn.mixing_factors
+    def attend_chunk_probe(self, attn, state):
+        """DCMHA's attend_chunk, recording the composed probabilities exactly as it makes them
+        (checked against its output) and, once, the plain-vs-composed attention maps."""
+        probes, layer, attend_chunk = self, attn.layer_idx, attn.attend_chunk
 
-            def attend_chunk_probe(q, k, v, mask, mixes):
-                y = attend_chunk(q, k, v, mask, mixes)
-                # the composed probabilities, exactly as attend_chunk makes them
-                raw = (q @ k.mT).transpose(1, 2)                                    # (B, Tc, N, Sc)
-                logits = attn.compose(raw, *mixes["pre"]) if "pre" in mixes else raw
-                hide = ~mask[:, None]
-                wide = state["wide"]
-                probs = logits.masked_fill(hide, float("-inf")).to(wide).softmax(-1).to(v.dtype)
-                if "post" in mixes:
-                    probs = attn.compose(probs, *mixes["post"])
-                probs = probs.transpose(1, 2)                                       # (B, N, Tc, Sc)
-                probes.check(probs.to(wide) @ v.to(wide), y)
-                Tc, Sc = q.size(2), k.size(2)
-                t0, start = state["t0"], state["start"]   # attend's chunk loop: where this chunk is
-                s0 = 0 if attn.window is None else max(0, start + t0 - attn.window + 1)
-                device = q.device
-                probes.record_attention(layer, probs, mask, torch.arange(start + t0, start + t0 + Tc, device=device),
-                                        torch.arange(s0, s0 + Sc, device=device), state["importance"])
-                if probes.batch == 0 and t0 == 0:        # one picture: plain vs composed attention
-                    plain = raw.masked_fill(hide, float("-inf")).to(wide).softmax(-1).transpose(1, 2)
-                    n = MAP_SIZE
-                    probes.maps[layer] = (plain[0, :, :n, :n].cpu(), probs[0, :, :n, :n].cpu())
-                state["t0"] = t0 + Tc
-                return y
+        def probe(q, k, v, mask, mixes):
+            y = attend_chunk(q, k, v, mask, mixes)
+            raw = (q @ k.mT).transpose(1, 2)                                    # (B, Tc, N, Sc)
+            logits = attn.compose(raw, *mixes["pre"]) if "pre" in mixes else raw
+            hide = ~mask[:, None]
+            wide = state["wide"]
+            probs = logits.masked_fill(hide, float("-inf")).to(wide).softmax(-1).to(v.dtype)
+            if "post" in mixes:
+                probs = attn.compose(probs, *mixes["post"])
+            probs = probs.transpose(1, 2)                                       # (B, N, Tc, Sc)
+            probes.check(probs.to(wide) @ v.to(wide), y)
+            Tc, Sc = q.size(2), k.size(2)
+            t0, start = state["t0"], state["start"]   # attend's chunk loop: where this chunk is
+            s0 = 0 if attn.window is None else max(0, start + t0 - attn.window + 1)
+            device = q.device
+            probes.record_attention(layer, probs, mask, torch.arange(start + t0, start + t0 + Tc, device=device),
+                                    torch.arange(s0, s0 + Sc, device=device), state["importance"])
+            if probes.batch == 0 and t0 == 0:        # one picture: plain vs composed attention
+                plain = raw.masked_fill(hide, float("-inf")).to(wide).softmax(-1).transpose(1, 2)
+                n = MAP_SIZE
+                probes.maps[layer] = (plain[0, :, :n, :n].cpu(), probs[0, :, :n, :n].cpu())
+            state["t0"] = t0 + Tc
+            return y
+        return probe
 
-            def mixing_factors_probe(x, ctx):
-                mixes = mixing_factors(x, ctx)   # (dc_compose=matrix builds its matrices from these)
-                N = attn.n_head
-                # W_ts = I + Q_t + K_s, Q_t = qw1ᵀ qw2 + diag(qdd) (+ W_b), K_s = kw1ᵀ kw2 + diag(kdd)
-                for stage, (query_factors, key_factors, static) in mixes.items():
-                    query_mix = None if query_factors is None else dcmha.mixing_matrix(query_factors)
-                    if static is not None:
-                        query_mix = static[None, None] if query_mix is None else query_mix + static
-                    key_mix = None if key_factors is None else dcmha.mixing_matrix(key_factors)
-                    for side, part in (("query", query_mix), ("key", key_mix)):
-                        if part is not None:                        # ‖part‖_F / ‖I‖_F per token
-                            size = part.float().flatten(-2).norm(dim=-1) / math.sqrt(N)
-                            probes.add(f"compose_{stage}_{side}", layer, size.sum(), size.numel())
-                return mixes
+    def mixing_factors_probe(self, attn):
+        """DCMHA's mixing_factors, recording the size of the query- and key-dependent mixes."""
+        probes, layer, mixing_factors = self, attn.layer_idx, attn.mixing_factors
 
-            attn.attend_chunk, attn.mixing_factors = attend_chunk_probe, mixing_factors_probe
-            wrapped += ["attend_chunk", "mixing_factors"]
-        return wrapped
+        def probe(x, ctx):
+            mixes = mixing_factors(x, ctx)   # (dc_compose=matrix builds its matrices from these)
+            N = attn.n_head
+            # W_ts = I + Q_t + K_s, Q_t = qw1ᵀ qw2 + diag(qdd) (+ W_b), K_s = kw1ᵀ kw2 + diag(kdd)
+            for stage, (query_factors, key_factors, static) in mixes.items():
+                query_mix = None if query_factors is None else dcmha.mixing_matrix(query_factors)
+                if static is not None:
+                    query_mix = static[None, None] if query_mix is None else query_mix + static
+                key_mix = None if key_factors is None else dcmha.mixing_matrix(key_factors)
+                for side, part in (("query", query_mix), ("key", key_mix)):
+                    if part is not None:                        # ‖part‖_F / ‖I‖_F per token
+                        size = part.float().flatten(-2).norm(dim=-1) / math.sqrt(N)
+                        probes.add(f"compose_{stage}_{side}", layer, size.sum(), size.numel())
+            return mixes
+        return probe
 
     def check(self, recomputed, y):
         self.recompute_error = max(self.recompute_error, (recomputed - y.to(recomputed.dtype)).abs().max().item())
