@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,21 +17,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import compare  # noqa: E402
 import gpt  # noqa: E402
+from conftest import run  # noqa: E402
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
         "--log_interval=2", "--warmup_iters=2"]
 
 
-def compare_cmd(tmp, data_dir, *extra):
-    return [sys.executable, "compare.py", f"--results={tmp / 'results'}", f"--data_dir={data_dir}",
+def compare_args(tmp, data_dir, *extra):
+    """compare.py's arguments for a tiny grid in tmp (for conftest's run, or after sys.executable)."""
+    return ["compare.py", f"--results={tmp / 'results'}", f"--data_dir={data_dir}",
             f"--out_dir={tmp / 'out'}", *TINY, *extra]
 
 
 def test_tiny_grid_makes_the_table_summary_and_plots(data_dir, tmp_path):
-    cmd = compare_cmd(tmp_path, data_dir, "--name=tiny", "--models=gpt,dca:dca_k=1", "--seeds=1,2",
-                      "--lengths=0.5,2", "--max_iters=8", "--eval_interval=4")
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout + result.stderr
+    run(compare_args(tmp_path, data_dir, "--name=tiny", "--models=gpt,dca:dca_k=1", "--seeds=1,2",
+                     "--lengths=0.5,2", "--max_iters=8", "--eval_interval=4"))
     out = tmp_path / "results" / "tiny"
     for name in ("table.md", "summary.json", "loss_vs_step.png", "loss_vs_flops.png", "loss_vs_time.png", "delta_vs_gpt.png"):
         assert (out / name).stat().st_size > 0, name
@@ -44,20 +45,18 @@ def test_tiny_grid_makes_the_table_summary_and_plots(data_dir, tmp_path):
     assert rows["dca:dca_k=1"]["welch_p"] is not None and summary["fit"] is not None
     assert "| `dca:dca_k=1` |" in (out / "table.md").read_text()
     # the summary again, from the files alone (the out_dir with its checkpoints gone)
-    subprocess.run(["rm", "-rf", str(tmp_path / "out")], check=True)
-    again = subprocess.run([sys.executable, "compare.py", "--name=tiny", f"--results={tmp_path / 'results'}", "--summary"],
-                           cwd=ROOT, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr
+    shutil.rmtree(tmp_path / "out")
+    run(["compare.py", "--name=tiny", f"--results={tmp_path / 'results'}", "--summary"])
     assert json.loads((out / "summary.json").read_text())["rows"] == summary["rows"]
 
 
 def test_a_killed_grid_resumes_without_redoing_finished_runs(data_dir, tmp_path):
     # 40 eval batches per checkpoint (every 5 steps) keep the second run busy for seconds after
     # its first checkpoint, on a fast machine too: the kill lands mid-way, not after its last step
-    cmd = compare_cmd(tmp_path, data_dir, "--name=kill", "--models=gpt,resformer", "--seeds=1",
-                      "--max_iters=60", "--eval_interval=5", "--eval_iters=40")
+    args = compare_args(tmp_path, data_dir, "--name=kill", "--models=gpt,resformer", "--seeds=1",
+                        "--max_iters=60", "--eval_interval=5", "--eval_iters=40")
     runs = tmp_path / "results" / "kill" / "runs"
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     deadline = time.time() + 300
     second = tmp_path / "out" / "kill" / "resformer-s1" / "ckpt.pt"
@@ -69,8 +68,7 @@ def test_a_killed_grid_resumes_without_redoing_finished_runs(data_dir, tmp_path)
     assert 5 <= killed_at < 60, f"the kill came at step {killed_at}, not mid-way: nothing to resume"
     assert (runs / "gpt-s1" / "run.json").exists() and not (runs / "resformer-s1").exists()
     first = (runs / "gpt-s1" / "run.json").read_text()
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = run(args)
     assert "1 already finished, 1 to train" in result.stdout and f"resformer-s1: resuming at step {killed_at}" in result.stdout
     assert (runs / "gpt-s1" / "run.json").read_text() == first  # not trained again
     log = compare.read_log(runs / "resformer-s1" / "log.jsonl")
@@ -79,11 +77,10 @@ def test_a_killed_grid_resumes_without_redoing_finished_runs(data_dir, tmp_path)
 
 
 def test_bad_train_flags_fail_before_anything_trains(data_dir, tmp_path):
-    result = subprocess.run(compare_cmd(tmp_path, data_dir, "--name=bad", "--models=gpt,dca:dca_k=x"), cwd=ROOT,
-                            capture_output=True, text=True)
+    result = run(compare_args(tmp_path, data_dir, "--name=bad", "--models=gpt,dca:dca_k=x"), check=False)
     assert result.returncode != 0 and "dca_k" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "bad").exists()
-    result = subprocess.run(compare_cmd(tmp_path, data_dir, "--name=bad", "--seed=3"), cwd=ROOT, capture_output=True, text=True)
+    result = run(compare_args(tmp_path, data_dir, "--name=bad", "--seed=3"), check=False)
     assert result.returncode != 0 and "--seeds" in result.stderr
 
 
