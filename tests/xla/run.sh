@@ -6,8 +6,8 @@
 # torch_xla 2.9.0 needs torch 2.9.0 (a CUDA build, ~7 GB), so it lives in its own venv,
 # .venv-xla at the repository root (override with XLA_VENV), made here if missing (~2 min).
 # Then it executes colab_tpu.ipynb (tests/xla/run_notebook.py).
-# Exit status: 0 all passed, or skipped because pip cannot reach torch_xla (no network, or
-# no wheel for this platform); anything else is a failure.
+# Exit status: 0 all passed, or skipped because pip finds no torch_xla (no network, or no
+# wheel for this platform); anything else, a failed install included, is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV=${XLA_VENV:-.venv-xla}
@@ -18,14 +18,16 @@ if ! "$VENV/bin/python" -c "import torch_xla, numpy" 2>/dev/null; then
     start=$SECONDS
     rm -rf "$VENV"
     python3 -m venv "$VENV"
-    if ! "$VENV/bin/python" -m pip install -q "${PACKAGES[@]}"; then
-        # skip only when the package cannot be had at all; a failed install of a reachable one fails
-        if ! "$VENV/bin/python" -m pip index versions torch_xla 2>/dev/null | grep -q "2\.9\.0"; then
-            echo "xla: SKIPPED: pip cannot reach torch_xla==2.9.0 (no network or no wheel for this platform)"
-            rm -rf "$VENV"
+    pip_log=$(mktemp)
+    if ! "$VENV/bin/python" -m pip install -q "${PACKAGES[@]}" 2>&1 | tee "$pip_log"; then
+        rm -rf "$VENV"
+        # skip only when pip finds no such package (no network, or no wheel for this platform);
+        # any other failure of the install (a full disk, a broken wheel) fails the lane
+        if grep -q "No matching distribution found" "$pip_log"; then
+            echo "xla: SKIPPED: pip cannot find ${PACKAGES[*]} here (no network or no wheel for this platform)"
             exit 0
         fi
-        echo "xla: pip install failed although torch_xla==2.9.0 is reachable"
+        echo "xla: pip install failed: $(grep -m1 "ERROR" "$pip_log" || tail -1 "$pip_log")"
         exit 1
     fi
     echo "xla: venv made in $((SECONDS - start)) s"
