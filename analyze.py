@@ -166,7 +166,7 @@ class Probes:
     def attend_probe(self, attn, state):
         """attn.attend, recording values and importance; for SDPA also the attention probabilities,
         recomputed (DCMHA records its own, chunk by chunk, in attend_chunk_probe)."""
-        probes, layer, attend = self, attn.layer_idx, attn.attend
+        layer, attend = attn.layer_idx, attn.attend
 
         def probe(q, k, v, x, ctx):
             B, N, T, _ = q.shape
@@ -174,22 +174,22 @@ class Probes:
             wide = torch.promote_types(q.dtype, torch.float32)   # float32, or the model's float64
             state.update(t0=0, start=S - T, wide=wide, importance=torch.zeros(B, S, dtype=wide, device=q.device))
             y = attend(q, k, v, x, ctx)
-            probes.record_values(layer, v)
+            self.record_values(layer, v)
             if not isinstance(attn, dcmha.DCMHAttention):    # SDPA: recompute softmax(q kᵀ/√hd)
                 mask = gpt.causal_mask(T, S, S - T, attn.window, q.device)
                 scores = (q.to(wide) @ k.to(wide).mT) / math.sqrt(q.size(-1))
                 probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)            # (B, N, T, S)
-                probes.check(probs @ v.to(wide), y)
+                self.check(probs @ v.to(wide), y)
                 positions = torch.arange(S, device=q.device)
-                probes.record_attention(layer, probs, mask, positions[S - T:], positions, state["importance"])
-            probes.record_importance(layer, state["importance"])
+                self.record_attention(layer, probs, mask, positions[S - T:], positions, state["importance"])
+            self.record_importance(layer, state["importance"])
             return y
         return probe
 
     def attend_chunk_probe(self, attn, state):
         """DCMHA's attend_chunk, recording the composed probabilities exactly as it makes them
         (checked against its output) and, once, the plain-vs-composed attention maps."""
-        probes, layer, attend_chunk = self, attn.layer_idx, attn.attend_chunk
+        layer, attend_chunk = attn.layer_idx, attn.attend_chunk
 
         def probe(q, k, v, mask, mixes):
             y = attend_chunk(q, k, v, mask, mixes)
@@ -201,24 +201,24 @@ class Probes:
             if "post" in mixes:
                 probs = attn.compose(probs, *mixes["post"])
             probs = probs.transpose(1, 2)                                       # (B, N, Tc, Sc)
-            probes.check(probs.to(wide) @ v.to(wide), y)
+            self.check(probs.to(wide) @ v.to(wide), y)
             Tc, Sc = q.size(2), k.size(2)
             t0, start = state["t0"], state["start"]   # attend's chunk loop: where this chunk is
             s0 = 0 if attn.window is None else max(0, start + t0 - attn.window + 1)
             device = q.device
-            probes.record_attention(layer, probs, mask, torch.arange(start + t0, start + t0 + Tc, device=device),
+            self.record_attention(layer, probs, mask, torch.arange(start + t0, start + t0 + Tc, device=device),
                                     torch.arange(s0, s0 + Sc, device=device), state["importance"])
-            if probes.batch == 0 and t0 == 0:        # one picture: plain vs composed attention
+            if self.batch == 0 and t0 == 0:        # one picture: plain vs composed attention
                 plain = raw.masked_fill(hide, float("-inf")).to(wide).softmax(-1).transpose(1, 2)
                 n = MAP_SIZE
-                probes.maps[layer] = (plain[0, :, :n, :n].cpu(), probs[0, :, :n, :n].cpu())
+                self.maps[layer] = (plain[0, :, :n, :n].cpu(), probs[0, :, :n, :n].cpu())
             state["t0"] = t0 + Tc
             return y
         return probe
 
     def mixing_factors_probe(self, attn):
         """DCMHA's mixing_factors, recording the size of the query- and key-dependent mixes."""
-        probes, layer, mixing_factors = self, attn.layer_idx, attn.mixing_factors
+        layer, mixing_factors = attn.layer_idx, attn.mixing_factors
 
         def probe(x, ctx):
             mixes = mixing_factors(x, ctx)   # (dc_compose=matrix builds its matrices from these)
@@ -232,7 +232,7 @@ class Probes:
                 for side, part in (("query", query_mix), ("key", key_mix)):
                     if part is not None:                        # ‖part‖_F / ‖I‖_F per token
                         size = part.float().flatten(-2).norm(dim=-1) / math.sqrt(N)
-                        probes.add(f"compose_{stage}_{side}", layer, size.sum(), size.numel())
+                        self.add(f"compose_{stage}_{side}", layer, size.sum(), size.numel())
             return mixes
         return probe
 

@@ -61,9 +61,15 @@ def build(spec, args, device):
     return torch.compile(model) if args.compile else model, model.num_params(), model.flops_per_token()
 
 
+def step_dtype(device):
+    """What a step computes in: bf16 autocast on CUDA (train.py's default there), else float32."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def make_step(model, args, device):
     idx = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size), device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    dtype = step_dtype(device)
+    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step():
         with amp:
@@ -221,7 +227,7 @@ def main():
         specs.insert(0, "gpt")
     runs = time_steps(specs, args, device)
     measure_memory(runs, args, device)
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = str(step_dtype(device)).removeprefix("torch.")
     rows = result_rows(runs, args, peak_flops(device_name(device), dtype, args.peak_flops))
     if args.json:
         print(json.dumps(rows, indent=1))
