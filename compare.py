@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -257,6 +258,15 @@ def welch_p(a, b):
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def welch_interval(a, b, level=0.95):
+    """Welch's confidence interval of mean(a) - mean(b): (low, high), nan with fewer than 2 each."""
+    from scipy import stats
+    if len(a) < 2 or len(b) < 2:
+        return float("nan"), float("nan")
+    interval = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
+    return float(interval.low), float(interval.high)
+
+
 def paired_p(pairs):
     """Two-sided paired t-test over seeds both models ran (same seed = same batches)."""
     from scipy import stats
@@ -269,7 +279,7 @@ def fit_power_law(flops, losses):
     """L(C) = a (C/C0)^-b + c through the baseline's (FLOPs, final loss) points, C0 = their
     geometric mean (for conditioning). -> dict(a, b, c, c0) or None with fewer than 3 lengths."""
     import numpy as np
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
     if len(set(flops)) < 3:
         return None
     c0 = float(np.exp(np.mean(np.log(flops))))
@@ -278,8 +288,10 @@ def fit_power_law(flops, losses):
     best = None
     for b0 in (0.1, 0.3, 1.0):  # a few starts: the fit is small but not convex
         try:
-            (a, b, c), _ = curve_fit(law, x, y, p0=(max(y.max() - y.min(), 1e-3), b0, y.min() * 0.9),
-                                     bounds=([0, 1e-3, 0], [np.inf, 5, y.min()]), maxfev=20000)
+            with warnings.catch_warnings():  # 3 lengths fit 3 parameters exactly: no covariance, and none is used
+                warnings.simplefilter("ignore", OptimizeWarning)
+                (a, b, c), _ = curve_fit(law, x, y, p0=(max(y.max() - y.min(), 1e-3), b0, y.min() * 0.9),
+                                         bounds=([0, 1e-3, 0], [np.inf, 5, y.min()]), maxfev=20000)
         except (RuntimeError, ValueError):
             continue
         err = float(((law(x, a, b, c) - y) ** 2).sum())
@@ -389,11 +401,9 @@ COLORS = ["#222222", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c
 
 
 def plots(runs, summary, models, out):
+    """loss_vs_{step,flops,time}.png (each model's seed-mean val curve, a min-max band) and delta_vs_gpt.png."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    base = summary["baseline"]
     main = {spec: [r for r in runs if r["model"] == spec and r["length"] == 1.0] for spec in models}
     main = {spec: rs for spec, rs in main.items() if rs}
     color = {spec: COLORS[i % len(COLORS)] for i, spec in enumerate(models)}
@@ -403,46 +413,61 @@ def plots(runs, summary, models, out):
     for axis, xlabel, fname in (("steps", "training step", "loss_vs_step.png"),
                                 ("flops", "training FLOPs", "loss_vs_flops.png"),
                                 ("time", "training wall-clock (s, evals excluded)", "loss_vs_time.png")):
-        fig, ax = plt.subplots(figsize=(8, 5), dpi=130)
-        ylim_here = ylim
-        for spec, rs in main.items():
-            x = np.mean([r[axis] for r in rs], axis=0)
-            vals = np.array([r["val"] for r in rs])
-            mean = vals.mean(0)
-            ax.plot(x, mean, color=color[spec], lw=2.2 if spec == base else 1.6, label=f"{spec} (n={len(rs)})")
-            if len(rs) > 1:
-                ax.fill_between(x, vals.min(0), vals.max(0), color=color[spec], alpha=0.15, lw=0)
-        if axis == "flops" and summary["fit"]:
-            fit = summary["fit"]
-            points = sorted((float(k), sum(v) / len(v)) for k, v in summary["lengths"].items())
-            xs = np.geomspace(points[0][0] * 0.7, points[-1][0] * 1.4, 100)
-            ax.plot(xs, fit["a"] * (xs / fit["c0"]) ** -fit["b"] + fit["c"], ls="--", color=color[base], lw=1,
-                    label=f"{base} at {len(points)} lengths: power-law fit")
-            ax.scatter(*zip(*points), color=color[base], zorder=5, s=25)
-            ax.set_xscale("log")
-            if ylim:  # show every length the fit stands on, the longest included
-                ylim_here = (min(ylim[0], min(y for _, y in points) - 0.01), ylim[1])
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("val loss (nats/token)")
-        if ylim_here:
-            ax.set_ylim(*ylim_here)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, frameon=False)
-        ax.set_title(f"{out.name}: val loss, mean over seeds (band: min-max)", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(out / fname)
-        plt.close(fig)
-    # Δ vs the baseline with 95% confidence intervals (Welch)
-    from scipy import stats
+        loss_plot(main, summary, color, axis, xlabel, ylim, out / fname)
+    delta_plot(summary, color, out / "delta_vs_gpt.png")
+
+
+def loss_plot(main, summary, color, axis, xlabel, ylim, path):
+    """Val loss against steps, FLOPs or time: per model the mean over seeds, the band min to max."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    base = summary["baseline"]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=130)
+    for spec, rs in main.items():
+        x = np.mean([r[axis] for r in rs], axis=0)
+        vals = np.array([r["val"] for r in rs])
+        ax.plot(x, vals.mean(0), color=color[spec], lw=2.2 if spec == base else 1.6, label=f"{spec} (n={len(rs)})")
+        if len(rs) > 1:
+            ax.fill_between(x, vals.min(0), vals.max(0), color=color[spec], alpha=0.15, lw=0)
+    if axis == "flops" and summary["fit"]:
+        lowest = power_law_overlay(ax, summary, color[base])
+        if ylim:  # show every length the fit stands on, the longest included
+            ylim = (min(ylim[0], lowest - 0.01), ylim[1])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("val loss (nats/token)")
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    ax.set_title(f"{path.parent.name}: val loss, mean over seeds (band: min-max)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def power_law_overlay(ax, summary, color):
+    """The baseline's lengths and the power law fitted through them, on a log FLOPs axis; -> the lowest loss."""
+    import numpy as np
+    fit, base = summary["fit"], summary["baseline"]
+    points = sorted((float(k), sum(v) / len(v)) for k, v in summary["lengths"].items())
+    xs = np.geomspace(points[0][0] * 0.7, points[-1][0] * 1.4, 100)
+    ax.plot(xs, fit["a"] * (xs / fit["c0"]) ** -fit["b"] + fit["c"], ls="--", color=color, lw=1,
+            label=f"{base} at {len(points)} lengths: power-law fit")
+    ax.scatter(*zip(*points), color=color, zorder=5, s=25)
+    ax.set_xscale("log")
+    return min(y for _, y in points)
+
+
+def delta_plot(summary, color, path):
+    """Each model's Δ final val loss vs the baseline, with Welch's 95% confidence interval."""
+    import matplotlib.pyplot as plt
+    base = summary["baseline"]
     rows = [r for r in summary["rows"] if r["model"] != base]
-    base_row = next(r for r in summary["rows"] if r["model"] == base)
+    base_finals = next(r for r in summary["rows"] if r["model"] == base)["val_finals"]
     fig, ax = plt.subplots(figsize=(10, 0.8 + 0.45 * max(len(rows), 1)), dpi=130)
     for i, r in enumerate(rows):
-        n1, n2 = len(r["val_finals"]), len(base_row["val_finals"])
-        se = math.sqrt(r["val_std"] ** 2 / n1 + base_row["val_std"] ** 2 / n2) if n1 > 1 and n2 > 1 else float("nan")
-        dof = (se ** 4 / ((r["val_std"] ** 2 / n1) ** 2 / (n1 - 1) + (base_row["val_std"] ** 2 / n2) ** 2 / (n2 - 1))
-               if se == se and se > 0 else 1)
-        half = stats.t.ppf(0.975, dof) * se if se == se else 0
+        low, high = welch_interval(r["val_finals"], base_finals)
+        half = (high - low) / 2 if high == high else 0  # no bar with fewer than 2 seeds
         ax.barh(i, r["delta"], xerr=half, color=color[r["model"]], alpha=0.8, capsize=4)
     ax.axvline(0, color="black", lw=1)
     ax.set_yticks(range(len(rows)), [f"{r['model']}  (n={len(r['val_finals'])}, p={fmt_p(r['welch_p'])})"
@@ -451,7 +476,7 @@ def plots(runs, summary, models, out):
     ax.set_xlabel(f"final val loss − {base}'s (nats/token; < 0 is better), 95% CI")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "delta_vs_gpt.png")
+    fig.savefig(path)
     plt.close(fig)
 
 
