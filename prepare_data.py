@@ -245,6 +245,30 @@ def write_atomic(path, write):
 def prepare(source="stdlib", tokenizer="byte", name=None, text=None, max_tokens=None,
             val_fraction=0.05, data_dir="data", force=False):
     """Build data_dir/<name> unless it is already there; returns its path."""
+    source, max_tokens = check_request(source, text, max_tokens, val_fraction)
+    tok = get_tokenizer(tokenizer)
+    if tok.vocab_size > 65535:
+        sys.exit(f"error: vocab_size {tok.vocab_size} does not fit in uint16 token files")
+    name = dataset_name(name, source, text, tok, data_dir)
+    out_dir = os.path.join(data_dir, name)
+    settings = dict(tokenizer=tok.name, source=describe(source, text), max_tokens=max_tokens,
+                    val_fraction=val_fraction)
+    for folder in (data_dir, out_dir):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            sys.exit(f"error: {folder} is a file; give another --name or --data_dir")
+    if already_prepared(out_dir, settings, force):
+        return out_dir
+    print(f"preparing {out_dir} from {settings['source']} with the {tok.name} tokenizer")
+    train, val = split(tokenize(source_docs(source, text), tok, max_tokens), val_fraction)
+    meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, train_tokens=len(train),
+                val_tokens=len(val), eot_token=tok.eot_token, val_split="tokens") | settings
+    write_dataset(train, val, meta, data_dir, name)
+    print(f"wrote {out_dir}: {len(train):,} train + {len(val):,} val tokens")
+    return out_dir
+
+
+def check_request(source, text, max_tokens, val_fraction):
+    """The source and the flags, checked before anything is read; -> (source, max_tokens)."""
     if text is not None:
         if source not in ("stdlib", "text"):
             sys.exit(f"error: --text and --source={source} exclude each other; drop one")
@@ -261,53 +285,49 @@ def prepare(source="stdlib", tokenizer="byte", name=None, text=None, max_tokens=
         max_tokens = HUB_MAX_TOKENS
     if max_tokens is not None and max_tokens < 2:
         sys.exit(f"error: --max_tokens={max_tokens} is too small")
-    tok = get_tokenizer(tokenizer)
-    if tok.vocab_size > 65535:
-        sys.exit(f"error: vocab_size {tok.vocab_size} does not fit in uint16 token files")
+    return source, max_tokens
 
+
+def dataset_name(name, source, text, tok, data_dir):
+    """--name, or one made from the source (and the tokenizer, unless bytes): pystdlib, shakespeare-gpt2, ..."""
     if name is None:
         name = Path(text).resolve().stem if source == "text" else {"stdlib": "pystdlib"}.get(source, source)
         name += "" if tok.name == "byte" else f"-{tok.name}"
     if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
         sys.exit(f"error: --name={name!r} must be a folder name (no /, \\ or leading .): the dataset "
                  f"goes inside --data_dir={data_dir}")
-    out_dir = os.path.join(data_dir, name)
-    meta_path = os.path.join(out_dir, "meta.json")
-    settings = dict(tokenizer=tok.name, source=describe(source, text), max_tokens=max_tokens,
-                    val_fraction=val_fraction)
-    for folder in (data_dir, out_dir):
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            sys.exit(f"error: {folder} is a file; give another --name or --data_dir")
-    if os.path.exists(meta_path) and not force:
-        try:
-            meta = read_meta(out_dir)
-        except ValueError as e:
-            sys.exit(f"error: {e}; rebuild it with --force")
-        if all(meta.get(k) == v for k, v in settings.items()):
-            print(f"{out_dir} already prepared ({meta['train_tokens']:,} train tokens); "
-                  "use --force to rebuild")
-            return out_dir
-        sys.exit(f"error: {out_dir} holds another dataset ({meta.get('source')}, "
-                 f"{meta.get('tokenizer')}); use --force to rebuild it or --name=NEW")
+    return name
 
-    print(f"preparing {out_dir} from {settings['source']} with the {tok.name} tokenizer")
-    train, val = split(tokenize(source_docs(source, text), tok, max_tokens), val_fraction)
+
+def already_prepared(out_dir, settings, force):
+    """True if out_dir holds this very dataset; an error if it holds another (unless --force)."""
+    if force or not os.path.exists(os.path.join(out_dir, "meta.json")):
+        return False
+    try:
+        meta = read_meta(out_dir)
+    except ValueError as e:
+        sys.exit(f"error: {e}; rebuild it with --force")
+    if all(meta.get(k) == v for k, v in settings.items()):
+        print(f"{out_dir} already prepared ({meta['train_tokens']:,} train tokens); use --force to rebuild")
+        return True
+    sys.exit(f"error: {out_dir} holds another dataset ({meta.get('source')}, "
+             f"{meta.get('tokenizer')}); use --force to rebuild it or --name=NEW")
+
+
+def write_dataset(train, val, meta, data_dir, name):
+    """train.bin, val.bin and meta.json, written in a private folder and swapped in whole."""
     remove_stale_builds(data_dir, name)
     build = os.path.join(data_dir, f".{name}.building-{os.getpid()}")
     try:
         os.makedirs(build)
         write_atomic(os.path.join(build, "train.bin"), train.tofile)
         write_atomic(os.path.join(build, "val.bin"), val.tofile)
-        meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, train_tokens=len(train),
-                    val_tokens=len(val), eot_token=tok.eot_token, val_split="tokens") | settings
         write_atomic(os.path.join(build, "meta.json"),
                      lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8")))
-        swap_in(build, out_dir)
+        swap_in(build, os.path.join(data_dir, name))
     finally:
         if os.path.exists(build):
             shutil.rmtree(build)
-    print(f"wrote {out_dir}: {len(train):,} train + {len(val):,} val tokens")
-    return out_dir
 
 
 def swap_in(build, out_dir):
