@@ -827,70 +827,93 @@ class Trainer:
         return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
     def run(self, start):
-        c, s = self.c, self.system
-        tokens_per_step = c.batch_size * c.gradient_accumulation_steps * self.model_config.block_size
-        flops_per_token = self.raw_model.flops_per_token()
-        peak = peak_flops(device_name(s.device), s.dtype, c.peak_flops)  # all processes together: x world
-        log_path = os.path.join(c.out_dir, "log.jsonl")
-        if self.master:
-            print(f"model {self.model_config.model}: {self.raw_model.num_params() / 1e6:.2f}M parameters, "
-                  f"{flops_per_token / 1e6:.1f} MFLOPs/token | device {device_name(s.device)} {s.dtype}"
-                  f"{' compiled' if self.use_compile else ''} | {s.world} process(es) | {tokens_per_step} tokens/step "
-                  f"| data {self.data_folder} ({self.meta['tokenizer']}, {len(self.train_data.data):,} train tokens)"
-                  f" | out_dir {c.out_dir}")
-            append_record(log_path, start)
+        """Train from self.step to max_iters: every log_interval a record (loss, speed, MFU) on the
+        console and in log.jsonl; every eval_interval also the val loss, and a checkpoint if it improved."""
+        c = self.c
+        self.announce(start)
         self.model.train()
-        t_start, t_last, steps_since = time.time(), time.time(), 0
-        first_step = self.step
+        meter = {"start": time.time(), "last": time.time(), "steps": 0, "first_step": self.step,
+                 "flops_per_token": self.raw_model.flops_per_token(),
+                 "peak": peak_flops(device_name(self.system.device), self.system.dtype, c.peak_flops)}  # one device's
         while self.step < c.max_iters:
-            # the whole step's offsets come from one generator; this process takes its share
-            offsets = self.train_data.draw(self.accum * s.world * c.batch_size)
-            offsets = offsets.view(self.accum, s.world, c.batch_size)[:, s.rank]
-            xs, ys = zip(*(self.train_data.get(o, s.device) for o in offsets))
             lr = learning_rate_at(self.step, c)
-            loss = self.train_step_checked(xs, ys, lr, first_step)
+            loss = self.train_step_checked(*self.next_batch(), lr, meter["first_step"])
             self.step += 1
-            steps_since += 1
-            step, last = self.step, self.step == c.max_iters
-            if not (step % c.log_interval == 0 or step % c.eval_interval == 0 or last):
-                continue
-            if s.world > 1:
-                torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
-            loss_value = loss.item()  # the only host sync, at log intervals
-            if not math.isfinite(loss_value):
-                raise UserError(f"loss became {loss_value} at step {step}; stopped. The last good checkpoint "
-                                f"(if any) is {self.ckpt_path}; try a lower --learning_rate or --dtype=float32")
-            now = time.time()
-            ms = (now - t_last) * 1000 / steps_since
-            self.train_time += now - t_last  # seconds spent in training steps (evals and saves excluded)
-            record = {"step": step, "loss": loss_value, "lr": lr, "ms": ms,
-                      "tok_per_s": tokens_per_step / (ms / 1000), "time": self.train_time}
-            if peak:
-                record["mfu"] = flops_per_token * record["tok_per_s"] / (peak * s.world)
-            if step % c.eval_interval == 0 or last:
-                record["val"] = self.evaluate()
-                if not math.isfinite(record["val"]):
-                    raise UserError(f"val loss became {record['val']} at step {step}; stopped without saving. "
-                                    f"Try a lower --learning_rate")
-            if s.is_xla or self.use_compile:
-                record["graphs"] = self.graphs_compiled()
-            if self.master:
-                eta = (now - t_start) / (step - first_step) * (c.max_iters - step)
-                print(f"step {step} | loss {loss_value:.4f}" + (f" | val {record['val']:.4f}" if "val" in record else "")
-                      + f" | lr {lr:.1e} | {ms:.0f} ms | {record['tok_per_s'] / 1000:.1f}k tok/s"
-                      + (f" | mfu {100 * record['mfu']:.1f}% (approx.)" if "mfu" in record else "")
-                      + f" | eta {format_time(eta)}" + (f" | {record['graphs']} graphs" if "graphs" in record else ""),
-                      flush=True)
-                append_record(log_path, record)
-                if "val" in record:
-                    improved = record["val"] < self.best_val
-                    self.best_val = min(self.best_val, record["val"])
-                    if improved or c.always_save_checkpoint:
-                        self.save()
-            t_last, steps_since = time.time(), 0  # the next interval starts after this eval and save
+            meter["steps"] += 1
+            if self.step % c.log_interval == 0 or self.step % c.eval_interval == 0 or self.step == c.max_iters:
+                record, eta = self.interval_record(loss, lr, meter)
+                if self.master:
+                    self.report(record, eta)
+                meter["last"], meter["steps"] = time.time(), 0  # the next interval starts after this eval and save
         if self.master:
-            print(f"done: {self.step} steps in {format_time(time.time() - t_start)}, best val {self.best_val:.4f}, "
+            print(f"done: {self.step} steps in {format_time(time.time() - meter['start'])}, best val {self.best_val:.4f}, "
                   f"checkpoint {self.ckpt_path}")
+
+    def announce(self, start):
+        """The run's first console line, and its start record in log.jsonl (the first process only)."""
+        c, s = self.c, self.system
+        if not self.master:
+            return
+        print(f"model {self.model_config.model}: {self.raw_model.num_params() / 1e6:.2f}M parameters, "
+              f"{self.raw_model.flops_per_token() / 1e6:.1f} MFLOPs/token | device {device_name(s.device)} {s.dtype}"
+              f"{' compiled' if self.use_compile else ''} | {s.world} process(es) | {self.tokens_per_step()} tokens/step "
+              f"| data {self.data_folder} ({self.meta['tokenizer']}, {len(self.train_data.data):,} train tokens)"
+              f" | out_dir {c.out_dir}")
+        append_record(os.path.join(c.out_dir, "log.jsonl"), start)
+
+    def tokens_per_step(self):
+        return self.c.batch_size * self.c.gradient_accumulation_steps * self.model_config.block_size
+
+    def next_batch(self):
+        """This process's micro-batches of the step: (xs, ys), accum of each. The whole step's offsets
+        come from one generator, the same in every process; each process takes its share."""
+        c, s = self.c, self.system
+        offsets = self.train_data.draw(self.accum * s.world * c.batch_size)
+        offsets = offsets.view(self.accum, s.world, c.batch_size)[:, s.rank]
+        return tuple(zip(*(self.train_data.get(o, s.device) for o in offsets)))
+
+    def interval_record(self, loss, lr, meter):
+        """The log record at the end of an interval: loss (averaged over processes), speed since the
+        last record, MFU if the device's peak is known, the val loss at eval steps, graph counts;
+        -> (record, seconds left)."""
+        c, s = self.c, self.system
+        if s.world > 1:
+            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+        loss_value = loss.item()  # the only host sync, at log intervals
+        if not math.isfinite(loss_value):
+            raise UserError(f"loss became {loss_value} at step {self.step}; stopped. The last good checkpoint "
+                            f"(if any) is {self.ckpt_path}; try a lower --learning_rate or --dtype=float32")
+        now = time.time()
+        ms = (now - meter["last"]) * 1000 / meter["steps"]
+        self.train_time += now - meter["last"]  # seconds spent in training steps (evals and saves excluded)
+        record = {"step": self.step, "loss": loss_value, "lr": lr, "ms": ms,
+                  "tok_per_s": self.tokens_per_step() / (ms / 1000), "time": self.train_time}
+        if meter["peak"]:
+            record["mfu"] = meter["flops_per_token"] * record["tok_per_s"] / (meter["peak"] * s.world)
+        if self.step % c.eval_interval == 0 or self.step == c.max_iters:
+            record["val"] = self.evaluate()
+            if not math.isfinite(record["val"]):
+                raise UserError(f"val loss became {record['val']} at step {self.step}; stopped without saving. "
+                                f"Try a lower --learning_rate")
+        if s.is_xla or self.use_compile:
+            record["graphs"] = self.graphs_compiled()
+        eta = (now - meter["start"]) / (self.step - meter["first_step"]) * (c.max_iters - self.step)
+        return record, eta
+
+    def report(self, record, eta):
+        """Print the record, append it to log.jsonl, and save a checkpoint when the val loss improved."""
+        c = self.c
+        print(f"step {self.step} | loss {record['loss']:.4f}" + (f" | val {record['val']:.4f}" if "val" in record else "")
+              + f" | lr {record['lr']:.1e} | {record['ms']:.0f} ms | {record['tok_per_s'] / 1000:.1f}k tok/s"
+              + (f" | mfu {100 * record['mfu']:.1f}% (approx.)" if "mfu" in record else "")
+              + f" | eta {format_time(eta)}" + (f" | {record['graphs']} graphs" if "graphs" in record else ""),
+              flush=True)
+        append_record(os.path.join(c.out_dir, "log.jsonl"), record)
+        if "val" in record:
+            improved = record["val"] < self.best_val
+            self.best_val = min(self.best_val, record["val"])
+            if improved or c.always_save_checkpoint:
+                self.save()
 
     def train_step_checked(self, xs, ys, lr, first_step):
         """train_step (XLA: the compiled graph, which must not change after the first steps); a failing
