@@ -117,6 +117,19 @@ def test_welch_p_value_of_a_known_case(tmp_path):
     assert row["time_to_gpt_loss"] is not None and row["time_to_gpt_loss"] < 1  # it passes gpt's 5.0 early
 
 
+def test_welch_interval_of_a_known_case():
+    # a = 1, 2.2, 2.8 (var 0.84), b = 4, 5, 6 (var 1): se = sqrt(0.84/3 + 1/3), 3.97 degrees of freedom
+    # (Welch-Satterthwaite), the 95% interval -3 ± t(0.975, dof)·se; the delta plot's error bars
+    from scipy import stats
+    se = math.sqrt(0.84 / 3 + 1 / 3)
+    dof = se ** 4 / ((0.84 / 3) ** 2 / 2 + (1 / 3) ** 2 / 2)
+    half = stats.t.ppf(0.975, dof) * se
+    low, high = compare.welch_interval([1.0, 2.2, 2.8], [4.0, 5.0, 6.0])
+    assert abs(low - (-3 - half)) < 1e-9 and abs(high - (-3 + half)) < 1e-9
+    assert abs(half - 2.181) < 1e-3  # t(0.975, 3.97) = 2.785 times se = 0.783
+    assert all(x != x for x in compare.welch_interval([1.0], [4.0, 5.0]))  # one seed: no interval (nan)
+
+
 def test_compute_multiplier_of_a_shifted_power_law(tmp_path):
     """The baseline follows L(C) = 2 (C/1e11)^-0.3 + 1 at three lengths; a model whose loss is the
     baseline's at 1.5x the compute, with the same FLOPs per token, has a multiplier of 1.5."""
