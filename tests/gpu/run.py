@@ -1,7 +1,7 @@
 """
 The GPU path, proven and measured in one call: everything a lent H100 / H200 must show.
 
-    python tests/gpu/run.py OUT                 # on the GPU machine: ~7 minutes on one H100 / H200
+    python tests/gpu/run.py OUT                 # on the GPU machine: ~8 minutes on one H100 / H200
     python tests/gpu/run.py --device=cpu OUT    # the same steps at tiny shapes on the CPU (CI runs this)
 
 The steps, each with its log under OUT/logs/:
