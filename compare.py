@@ -459,21 +459,28 @@ def power_law_overlay(ax, summary, color):
 
 
 def delta_plot(summary, color, path):
-    """Each model's Δ final val loss vs the baseline, with Welch's 95% confidence interval."""
+    """Each model's Δ final val loss vs the baseline, with Welch's 95% confidence interval, and
+    each seed's difference to the baseline's same seed (the paired test's data) as a dot."""
     import matplotlib.pyplot as plt
     base = summary["baseline"]
     rows = [r for r in summary["rows"] if r["model"] != base]
-    base_finals = next(r for r in summary["rows"] if r["model"] == base)["val_finals"]
+    base_row = next(r for r in summary["rows"] if r["model"] == base)
+    base_final = dict(zip(base_row["seeds"], base_row["val_finals"]))
     fig, ax = plt.subplots(figsize=(10, 0.8 + 0.45 * max(len(rows), 1)), dpi=130)
     for i, r in enumerate(rows):
-        low, high = welch_interval(r["val_finals"], base_finals)
+        low, high = welch_interval(r["val_finals"], base_row["val_finals"])
         half = (high - low) / 2 if high == high else 0  # no bar with fewer than 2 seeds
         ax.barh(i, r["delta"], xerr=half, color=color[r["model"]], alpha=0.8, capsize=4)
+        paired = [v - base_final[seed] for seed, v in zip(r["seeds"], r["val_finals"]) if seed in base_final]
+        spread = [0.28 * (2 * j / (len(paired) - 1) - 1) if len(paired) > 1 else 0 for j in range(len(paired))]
+        ax.scatter(paired, [i + d for d in spread], s=16, color="black", edgecolors="white", lw=0.6, zorder=3)
     ax.axvline(0, color="black", lw=1)
     ax.set_yticks(range(len(rows)), [f"{r['model']}  (n={len(r['val_finals'])}, p={fmt_p(r['welch_p'])})"
                                      for r in rows])  # in the label: never under a bar or an error bar
     ax.invert_yaxis()
-    ax.set_xlabel(f"final val loss − {base}'s (nats/token; < 0 is better), 95% CI")
+    ax.set_xlabel(f"final val loss − {base}'s (nats/token; < 0 is better)")
+    ax.set_title(f"{path.parent.name}: final val loss vs {base}'s\nbars: mean Δ, Welch's 95% CI · dots: each seed − "
+                 f"{base}'s same seed, in seed order", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
