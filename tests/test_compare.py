@@ -174,6 +174,25 @@ def test_flops_per_token_matches_the_flop_counter(name, overrides):
     assert abs(claimed / counted - 1) < 0.05, f"{name} {overrides}: claims {claimed:.0f} FLOPs/token, counted {counted:.0f}"
 
 
+def test_a_grid_continues_under_its_recorded_command(tmp_path, monkeypatch):
+    """table.md shows --data_dir=data where the grid ran with this machine's absolute path: that
+    command must continue the grid, and a real change of flags must still be refused."""
+    results = tmp_path / "results"
+    (results / "g").mkdir(parents=True)
+    (results / "g" / "compare.json").write_text(json.dumps(
+        {"commands": ["python compare.py --name=g"], "models": ["gpt"], "seeds": [1], "lengths": [],
+         "train_flags": [f"--data_dir={ROOT / 'data'}", "--max_iters=100"]}))
+    monkeypatch.setattr(compare, "run_grid", lambda *args: None)  # the flags check only: nothing trains
+    monkeypatch.setattr(compare, "report", lambda *args: "")
+    argv = ["--name=g", f"--results={results}", "--models=gpt", "--seeds=1,2", "--data_dir=data"]
+    compare.main(argv + ["--max_iters=100"])
+    assert json.loads((results / "g" / "compare.json").read_text())["seeds"] == [1, 2]
+    with pytest.raises(SystemExit, match="other train.py flags"):
+        compare.main(argv + ["--max_iters=200"])
+    with pytest.raises(SystemExit, match="other train.py flags"):
+        compare.main(["--name=g", f"--results={results}", "--models=gpt", "--data_dir=data2", "--max_iters=100"])
+
+
 def test_recorded_commands_show_repo_paths_relative(tmp_path):
     """compare.json and run.json record commands a reader can rerun from the repo: no absolute
     path into this machine's checkout, paths outside it unchanged."""
