@@ -211,15 +211,6 @@ def shown_command(script, argv):
     return " ".join(["python", script, *map(shown, argv)])
 
 
-def as_run(train_flags):
-    """train.py's flags as the runs see them: path flags resolved from the repo, where train.py runs
-    (so the recorded --data_dir=data and this machine's /home/.../data are the same grid)."""
-    def resolved(arg):
-        flag, _, value = arg.partition("=")
-        return f"{flag}={(ROOT / value).resolve()}" if flag in ("--data_dir", "--out_dir", "--config") else arg
-    return [resolved(arg) for arg in train_flags]
-
-
 def format_time(seconds):
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
@@ -559,7 +550,7 @@ def main(argv=None):
     old = results / "compare.json"
     if old.exists():
         before = json.loads(old.read_text())
-        if as_run(before["train_flags"]) != as_run(train_flags):
+        if shown_command("train.py", before["train_flags"]) != shown_command("train.py", train_flags):  # as recorded
             sys.exit(f"error: {results} holds a grid made with other train.py flags ({' '.join(before['train_flags'])}); "
                      f"use another --name")
         info["models"] = before["models"] + [m for m in args.models if m not in before["models"]]
