@@ -830,11 +830,11 @@ class Trainer:
         """Train from self.step to max_iters: every log_interval a record (loss, speed, MFU) on the
         console and in log.jsonl; every eval_interval also the val loss, and a checkpoint if it improved."""
         c = self.c
-        self.announce(start)
-        self.model.train()
         meter = {"start": time.time(), "last": time.time(), "steps": 0, "first_step": self.step,
                  "flops_per_token": self.raw_model.flops_per_token(),
                  "peak": peak_flops(device_name(self.system.device), self.system.dtype, c.peak_flops)}  # one device's
+        self.announce(start, meter["flops_per_token"])
+        self.model.train()
         while self.step < c.max_iters:
             lr = learning_rate_at(self.step, c)
             loss = self.train_step_checked(*self.next_batch(), lr, meter["first_step"])
@@ -849,13 +849,13 @@ class Trainer:
             print(f"done: {self.step} steps in {format_time(time.time() - meter['start'])}, best val {self.best_val:.4f}, "
                   f"checkpoint {self.ckpt_path}")
 
-    def announce(self, start):
+    def announce(self, start, flops_per_token):
         """The run's first console line, and its start record in log.jsonl (the first process only)."""
         c, s = self.c, self.system
         if not self.master:
             return
         print(f"model {self.model_config.model}: {self.raw_model.num_params() / 1e6:.2f}M parameters, "
-              f"{self.raw_model.flops_per_token() / 1e6:.1f} MFLOPs/token | device {device_name(s.device)} {s.dtype}"
+              f"{flops_per_token / 1e6:.1f} MFLOPs/token | device {device_name(s.device)} {s.dtype}"
               f"{' compiled' if self.use_compile else ''} | {s.world} process(es) | {self.tokens_per_step()} tokens/step "
               f"| data {self.data_folder} ({self.meta['tokenizer']}, {len(self.train_data.data):,} train tokens)"
               f" | out_dir {c.out_dir}")
