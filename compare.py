@@ -267,12 +267,13 @@ def welch_interval(a, b, level=0.95):
     return float(interval.low), float(interval.high)
 
 
-def paired_p(pairs):
-    """Two-sided paired t-test over seeds both models ran (same seed = same batches)."""
+def paired_p(differences):
+    """Two-sided paired t-test: are the per-seed differences (model - baseline, same seed = same
+    batches) centred on 0? nan with fewer than 2."""
     from scipy import stats
-    if len(pairs) < 2:
+    if len(differences) < 2:
         return float("nan")
-    return float(stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
+    return float(stats.ttest_1samp(differences, 0.0).pvalue)
 
 
 def fit_power_law(flops, losses):
@@ -343,11 +344,14 @@ def summarize(runs, models):
                "flops_per_token": rs[0]["flops_per_token"], "train_flops": rs[0]["total_flops"],
                "val_mean": mean, "val_std": std, "val_finals": finals,
                "bpb_mean": mean / ln2 / bpt if bpt else None, "bpb_std": std / ln2 / bpt if bpt else None,
-               "delta": mean - base_mean, "welch_p": None, "paired_p": None, "compute_multiplier": None,
+               "delta": mean - base_mean, "delta_ci95": None, "welch_p": None,
+               "paired_deltas": None, "paired_p": None, "compute_multiplier": None,
                "time_to_gpt_loss": None, "ms_per_step": sum(r["ms_per_step"] for r in rs) / len(rs)}
         if spec != base:
             row["welch_p"] = welch_p(finals, list(base_final.values()))
-            row["paired_p"] = paired_p([(r["final"], base_final[r["seed"]]) for r in rs if r["seed"] in base_final])
+            row["delta_ci95"] = welch_interval(finals, list(base_final.values()))
+            row["paired_deltas"] = [r["final"] - base_final[r["seed"]] for r in rs if r["seed"] in base_final]
+            row["paired_p"] = paired_p(row["paired_deltas"])
         if fit:
             needed = flops_to_reach(fit, mean)
             row["compute_multiplier"] = needed / rs[0]["total_flops"]
@@ -464,14 +468,12 @@ def delta_plot(summary, color, path):
     import matplotlib.pyplot as plt
     base = summary["baseline"]
     rows = [r for r in summary["rows"] if r["model"] != base]
-    base_row = next(r for r in summary["rows"] if r["model"] == base)
-    base_final = dict(zip(base_row["seeds"], base_row["val_finals"]))
     fig, ax = plt.subplots(figsize=(10, 0.8 + 0.45 * max(len(rows), 1)), dpi=130)
     for i, r in enumerate(rows):
-        low, high = welch_interval(r["val_finals"], base_row["val_finals"])
+        low, high = r["delta_ci95"]
         half = (high - low) / 2 if high == high else 0  # no bar with fewer than 2 seeds
         ax.barh(i, r["delta"], xerr=half, color=color[r["model"]], alpha=0.8, capsize=4)
-        paired = [v - base_final[seed] for seed, v in zip(r["seeds"], r["val_finals"]) if seed in base_final]
+        paired = r["paired_deltas"]
         spread = [0.28 * (2 * j / (len(paired) - 1) - 1) if len(paired) > 1 else 0 for j in range(len(paired))]
         ax.scatter(paired, [i + d for d in spread], s=16, color="black", edgecolors="white", lw=0.6, zorder=3)
     ax.axvline(0, color="black", lw=1)

@@ -135,13 +135,15 @@ def test_compute_multiplier_of_a_shifted_power_law(tmp_path):
     baseline's at 1.5x the compute, with the same FLOPs per token, has a multiplier of 1.5."""
     law = lambda c: 2 * (c / 1e11) ** -0.3 + 1  # noqa: E731
     flops_per_step = 1e6 * 1000
+    noise = {1: 1e-3, 2: -1e-3}  # two seeds either side of the law: the means lie on it, the t-tests have a spread
     for length, iters in ((0.5, 50), (1.0, 100), (2.0, 200)):
         for seed in (1, 2):
             name = "gpt-s%d" % seed if length == 1.0 else f"gpt-x{length:g}-s{seed}"
-            write_run(tmp_path / "runs" / name, "gpt", seed, [9.0, law(iters * flops_per_step)], length=length, max_iters=iters)
+            final = law(iters * flops_per_step) + noise[seed]
+            write_run(tmp_path / "runs" / name, "gpt", seed, [9.0, final], length=length, max_iters=iters)
     target = law(1.5 * 100 * flops_per_step)
     for seed in (1, 2):
-        write_run(tmp_path / "runs" / f"m-s{seed}", "m", seed, [9.0, target])
+        write_run(tmp_path / "runs" / f"m-s{seed}", "m", seed, [9.0, target - noise[seed]])
     summary = compare.summarize(compare.load_runs(tmp_path), ["gpt", "m"])
     rows = {r["model"]: r for r in summary["rows"]}
     assert abs(summary["fit"]["b"] - 0.3) < 1e-3 and abs(summary["fit"]["c"] - 1) < 1e-3
