@@ -276,9 +276,10 @@ def paired_p(differences):
     return float(stats.ttest_1samp(differences, 0.0).pvalue)
 
 
-def fit_power_law(flops, losses):
+def fit_power_law(flops, losses, start=None):
     """L(C) = a (C/C0)^-b + c through the baseline's (FLOPs, final loss) points, C0 = their
-    geometric mean (for conditioning). -> dict(a, b, c, c0) or None with fewer than 3 lengths."""
+    geometric mean (for conditioning). -> dict(a, b, c, c0) or None with fewer than 3 lengths.
+    start: an earlier fit of nearby points, the only start tried (the bootstrap's refits)."""
     import numpy as np
     from scipy.optimize import OptimizeWarning, curve_fit
     if len(set(flops)) < 3:
@@ -286,13 +287,15 @@ def fit_power_law(flops, losses):
     c0 = float(np.exp(np.mean(np.log(flops))))
     x, y = np.array(flops) / c0, np.array(losses)
     law = lambda x, a, b, c: a * x ** -b + c  # noqa: E731
+    starts = [(max(y.max() - y.min(), 1e-3), b0, y.min() * 0.9) for b0 in (0.1, 0.3, 1.0)]  # the fit is not convex
+    if start is not None:
+        starts = [(start["a"] * (start["c0"] / c0) ** start["b"], start["b"], min(start["c"], y.min() * (1 - 1e-9)))]
     best = None
-    for b0 in (0.1, 0.3, 1.0):  # a few starts: the fit is small but not convex
+    for p0 in starts:
         try:
             with warnings.catch_warnings():  # 3 lengths fit 3 parameters exactly: no covariance, and none is used
                 warnings.simplefilter("ignore", OptimizeWarning)
-                (a, b, c), _ = curve_fit(law, x, y, p0=(max(y.max() - y.min(), 1e-3), b0, y.min() * 0.9),
-                                         bounds=([0, 1e-3, 0], [np.inf, 5, y.min()]), maxfev=20000)
+                (a, b, c), _ = curve_fit(law, x, y, p0=p0, bounds=([0, 1e-3, 0], [np.inf, 5, y.min()]), maxfev=20000)
         except (RuntimeError, ValueError):
             continue
         err = float(((law(x, a, b, c) - y) ** 2).sum())
@@ -306,6 +309,39 @@ def flops_to_reach(fit, loss):
     if loss <= fit["c"]:
         return float("inf")
     return fit["c0"] * ((loss - fit["c"]) / fit["a"]) ** (-1 / fit["b"])
+
+
+def multiplier_intervals(by_length, main, base, fit, n_boot=1000, level=0.95, seed=0):
+    """Each model's compute multiplier with a bootstrap interval over seeds: every model's finals
+    and every baseline length's are resampled with replacement (the baseline's 1x runs once, as its
+    fit point and its mean), the power law refitted, n_boot times, from a fixed seed.
+    by_length {baseline FLOPs: [finals]}, main {spec: runs at 1x}. -> {spec: (low, high)}, (nan, nan)
+    where a model or a fit point has fewer than 2 seeds (a resample of one value has no spread)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    base_flops = main[base][0]["total_flops"]
+    finals = {spec: [r["final"] for r in rs] for spec, rs in main.items()}
+    points = sorted(by_length)
+    samples = {spec: [] for spec in main}
+    for _ in range(n_boot):
+        means = {spec: float(rng.choice(v, len(v)).mean()) for spec, v in finals.items() if spec != base}
+        point_means = [float(rng.choice(by_length[c], len(by_length[c])).mean()) for c in points]
+        means[base] = point_means[points.index(base_flops)]
+        refit = fit_power_law(points, point_means, start=fit)
+        if refit is None:
+            continue
+        for spec, mean in means.items():
+            samples[spec].append(flops_to_reach(refit, mean) / main[spec][0]["total_flops"])
+    one_seed = any(len(v) < 2 for v in by_length.values())
+    intervals = {}
+    for spec, xs in samples.items():
+        if one_seed or len(finals[spec]) < 2 or len(xs) < 0.9 * n_boot:  # or too many refits failed
+            intervals[spec] = (float("nan"), float("nan"))
+            continue
+        xs = sorted(xs)  # inf (below the asymptote) sorts last
+        tail = (1 - level) / 2
+        intervals[spec] = (xs[int(math.floor(tail * (len(xs) - 1)))], xs[int(math.ceil((1 - tail) * (len(xs) - 1)))])
+    return intervals
 
 
 def time_to_reach(times, vals, target):
@@ -335,6 +371,7 @@ def summarize(runs, models):
     base_mean = sum(base_final.values()) / len(base_final)
     base_time = sum(r["time"][-1] for r in main[base]) / len(main[base])
     ln2 = math.log(2)
+    intervals = multiplier_intervals(by_length, main, base, fit) if fit else {}
     rows = []
     for spec, rs in main.items():
         finals = [r["final"] for r in rs]
@@ -345,7 +382,7 @@ def summarize(runs, models):
                "val_mean": mean, "val_std": std, "val_finals": finals,
                "bpb_mean": mean / ln2 / bpt if bpt else None, "bpb_std": std / ln2 / bpt if bpt else None,
                "delta": mean - base_mean, "delta_ci95": None, "welch_p": None,
-               "paired_deltas": None, "paired_p": None, "compute_multiplier": None,
+               "paired_deltas": None, "paired_p": None, "compute_multiplier": None, "compute_multiplier_ci95": None,
                "time_to_gpt_loss": None, "ms_per_step": sum(r["ms_per_step"] for r in rs) / len(rs)}
         if spec != base:
             row["welch_p"] = welch_p(finals, list(base_final.values()))
@@ -355,6 +392,7 @@ def summarize(runs, models):
         if fit:
             needed = flops_to_reach(fit, mean)
             row["compute_multiplier"] = needed / rs[0]["total_flops"]
+            row["compute_multiplier_ci95"] = intervals[spec]
             covered = [min(by_length), max(by_length)]
             row["multiplier_extrapolated"] = not covered[0] <= needed <= covered[1]
         # wall-clock to reach the baseline's final loss, on the seed-mean curve, over the baseline's time
@@ -374,6 +412,10 @@ def fmt_p(p):
     return "-" if p is None or p != p else (f"{p:.3f}" if p >= 0.001 else f"{p:.0e}")
 
 
+def fmt_multiplier(x):
+    return f"{x:.2f}" if x != float("inf") else "∞"
+
+
 def table_markdown(summary, info):
     lines = [f"| model | params | train PFLOPs | val loss (nats/token) | bits/byte | Δ vs {summary['baseline']} "
              f"| p (Welch) | p (paired) | compute × | time to {summary['baseline']}'s loss | ms/step |",
@@ -381,7 +423,10 @@ def table_markdown(summary, info):
     for r in summary["rows"]:
         bpb = "-" if r["bpb_mean"] is None else f"{r['bpb_mean']:.4f}"
         mult = "-" if r["compute_multiplier"] is None else (
-            ("~" if r.get("multiplier_extrapolated") else "") + (f"{r['compute_multiplier']:.2f}" if r["compute_multiplier"] != float("inf") else "∞"))
+            ("~" if r.get("multiplier_extrapolated") else "") + fmt_multiplier(r["compute_multiplier"]))
+        low, high = r.get("compute_multiplier_ci95") or (float("nan"),) * 2
+        if low == low and r["model"] != summary["baseline"]:
+            mult += f" ({fmt_multiplier(low)}–{fmt_multiplier(high)})"
         reach = "never" if r["time_to_gpt_loss"] is None else f"{r['time_to_gpt_loss']:.2f}"
         delta = "" if r["model"] == summary["baseline"] else f"{r['delta']:+.4f}"
         spread = f" ± {r['val_std']:.4f}" if len(r["seeds"]) > 1 else ""
@@ -393,7 +438,9 @@ def table_markdown(summary, info):
              f"finished (of {info['seeds']}); "
              f"Δ and p against `{summary['baseline']}` (paired: the same seed gives both models the same batches). ",
              "compute ×: the baseline's training FLOPs needed to reach the model's mean loss (from the power law "
-             "fitted to its runs at several lengths) over the model's own; ~ = outside the fitted lengths (extrapolated). "
+             "fitted to its runs at several lengths) over the model's own; ~ = outside the fitted lengths (extrapolated); "
+             "in brackets its 95% bootstrap interval over seeds (each model's and each baseline length's final losses "
+             "resampled, the power law refitted, 1000 times; none with a single seed). "
              if fit else "compute ×: needs baseline runs at 3 or more lengths (--lengths). ",
              f"time: wall-clock of training steps (evals excluded) to reach the baseline's final loss, over the baseline's. "]
     if fit:

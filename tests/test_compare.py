@@ -149,6 +149,20 @@ def test_compute_multiplier_of_a_shifted_power_law(tmp_path):
     assert abs(summary["fit"]["b"] - 0.3) < 1e-3 and abs(summary["fit"]["c"] - 1) < 1e-3
     assert abs(rows["m"]["compute_multiplier"] - 1.5) < 0.01 and not rows["m"]["multiplier_extrapolated"]
     assert abs(rows["gpt"]["compute_multiplier"] - 1.0) < 0.01
+    # the bootstrap interval: around the truth, narrow for seeds 2e-3 apart, the same on every summary
+    low, high = rows["m"]["compute_multiplier_ci95"]
+    assert 1.4 < low < 1.5 < high < 1.6
+    assert compare.summarize(compare.load_runs(tmp_path), ["gpt", "m"])["rows"][1]["compute_multiplier_ci95"] == (low, high)
+    # wider seed spread, wider interval; one seed of a model: no interval
+    for seed in (1, 2):
+        write_run(tmp_path / "runs" / f"wide-s{seed}", "wide", seed, [9.0, target - 10 * noise[seed]])
+    write_run(tmp_path / "runs" / "single-s1", "single", 1, [9.0, target])
+    rows = {r["model"]: r for r in compare.summarize(compare.load_runs(tmp_path), ["gpt", "m", "wide", "single"])["rows"]}
+    wide_low, wide_high = rows["wide"]["compute_multiplier_ci95"]
+    assert wide_high - wide_low > 2 * (high - low)
+    assert all(x != x for x in rows["single"]["compute_multiplier_ci95"])
+    assert " (1." in compare.table_markdown(compare.summarize(compare.load_runs(tmp_path), ["gpt", "m"]),
+                                            {"seeds": [1, 2]}).splitlines()[3]  # m's row shows its interval
 
 
 # -----------------------------------------------------------------------------
