@@ -64,8 +64,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+    def forward(self, x):  # the weight in x's dtype, as autocast casts a linear's (else no fused kernel)
+        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype), self.eps)
 
 
 def rope_tables(head_dim, max_len, theta, device=None):
