@@ -545,8 +545,10 @@ def report(results, models=None):
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     table = table_markdown(summary, info)
     commands = "\n".join(f"    {c}" for c in info["commands"])
-    (results / "table.md").write_text(f"# {results.name}\n\nMade by (python compare.py --name={results.name} --summary "
-                                      f"makes it again from the logs):\n\n{commands}\n\n" + table)
+    again = f"python compare.py --name={results.name} --summary" + (
+        f" --models={','.join(models)}" if models != info["models"] else "")  # a subset of the grid's models
+    (results / "table.md").write_text(f"# {results.name}\n\nMade by ({again} makes it again from the logs):\n\n"
+                                      f"{commands}\n\n" + table)
     plots(runs, summary, models, results)
     return table
 

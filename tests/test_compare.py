@@ -48,6 +48,10 @@ def test_tiny_grid_makes_the_table_summary_and_plots(data_dir, tmp_path):
     shutil.rmtree(tmp_path / "out")
     run(["compare.py", "--name=tiny", f"--results={tmp_path / 'results'}", "--summary"])
     assert json.loads((out / "summary.json").read_text())["rows"] == summary["rows"]
+    # a subset of the models: their rows, and the table says how to make it again
+    run(["compare.py", "--name=tiny", f"--results={tmp_path / 'results'}", "--summary", "--models=gpt"])
+    table = (out / "table.md").read_text()
+    assert "--summary --models=gpt makes it again" in table and "| `dca:dca_k=1` |" not in table
 
 
 def test_a_killed_grid_resumes_without_redoing_finished_runs(data_dir, tmp_path):
