@@ -318,6 +318,9 @@ def multiplier_intervals(by_length, main, base, fit, n_boot=1000, level=0.95, se
     by_length {baseline FLOPs: [finals]}, main {spec: runs at 1x}. -> {spec: (low, high)}, (nan, nan)
     where a model or a fit point has fewer than 2 seeds (a resample of one value has no spread)."""
     import numpy as np
+    no_interval = (float("nan"), float("nan"))
+    if any(len(v) < 2 for v in by_length.values()):  # a fit point of one seed: no interval for anyone
+        return {spec: no_interval for spec in main}
     rng = np.random.default_rng(seed)
     base_flops = main[base][0]["total_flops"]
     finals = {spec: [r["final"] for r in rs] for spec, rs in main.items()}
@@ -332,11 +335,10 @@ def multiplier_intervals(by_length, main, base, fit, n_boot=1000, level=0.95, se
             continue
         for spec, mean in means.items():
             samples[spec].append(flops_to_reach(refit, mean) / main[spec][0]["total_flops"])
-    one_seed = any(len(v) < 2 for v in by_length.values())
     intervals = {}
     for spec, xs in samples.items():
-        if one_seed or len(finals[spec]) < 2 or len(xs) < 0.9 * n_boot:  # or too many refits failed
-            intervals[spec] = (float("nan"), float("nan"))
+        if len(finals[spec]) < 2 or len(xs) < 0.9 * n_boot:  # or too many refits failed
+            intervals[spec] = no_interval
             continue
         xs = sorted(xs)  # inf (below the asymptote) sorts last
         tail = (1 - level) / 2
