@@ -5,6 +5,7 @@ and the baseline's loss-vs-compute curve to turn a loss difference into a comput
     python compare.py --name=deep8 --models=gpt,resformer,dca,dca:dca_k=2 --seeds=1,2,3 \
                       --lengths=0.5,2 --n_layer=8 --max_iters=1000     # any train.py flag
     python compare.py --name=deep8 --summary                           # table + plots from the logs
+    python compare.py --name=deep8 --speed                             # every model's ms/step, one process
 
 Every (model, seed) trains with train.py into out_dir/NAME/<model>-s<seed>/; a finished run is
 skipped and an interrupted one resumes (--init_from=resume), so a grid fills up over several
@@ -14,8 +15,12 @@ git commit) are copied to results/NAME/runs/, and the summary is made from those
     table.md, summary.json    per model: params, training FLOPs, final val loss (mean ± std over
                               seeds, nats/token and bits/byte), Δ vs gpt with Welch's and the
                               paired (same seeds = same batches) t-test, the compute multiplier,
-                              the wall-clock to reach gpt's final loss, ms/step
+                              the steps and the time to reach gpt's final loss, ms/step
     loss_vs_step.png, loss_vs_flops.png, loss_vs_time.png, delta_vs_gpt.png
+
+Times from a grid's logs compare only if its runs shared one machine alike; --speed times every
+model in one process instead (bench.py at the grid's shape, interleaved: speed.json), and the
+table's time columns and loss_vs_time.png then use those.
 
 Model specs are bench.py's: name[:key=value;key=value]. --lengths runs the baseline (the first
 model) again at those multiples of max_iters (each with its own full cosine schedule); a power
@@ -216,6 +221,72 @@ def format_time(seconds):
 
 
 # -----------------------------------------------------------------------------
+# speed: every model of the grid timed in one process, so that its times compare
+
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size")  # bench.py's flags; the other model options go in its specs
+SAME_FOR_ALL = ("batch_size", "gradient_accumulation_steps", "block_size", "device", "dtype", "compile")
+
+
+def speed_specs(train_flags, models):
+    """The grid's model specs as bench.py specs at the grid's shape: {spec: bench spec}, the shape
+    (the baseline's) and its TrainConfig. A spec's training options (learning_rate, ...) do not
+    change a step's time and are dropped; one that changes the step's shape or dtype cannot be
+    timed beside the others and is refused."""
+    import gpt
+    parsed = {spec: check_flags([*train_flags, *spec_flags(spec)]) for spec in models}
+    base_c, base_values, _ = parsed[models[0]]
+    base_config = gpt.config_from_dict({**base_values, "vocab_size": 256})
+    shape = {key: getattr(base_config, key) for key in SHAPE}
+    mapping = {}
+    for spec, (c, values, _) in parsed.items():
+        config = gpt.config_from_dict({**values, "vocab_size": 256})
+        differs = [key for key in SAME_FOR_ALL
+                   if getattr(config if key == "block_size" else c, key) != getattr(base_config if key == "block_size" else base_c, key)]
+        if differs:
+            sys.exit(f"error: --speed times every model at one shape, but {spec} sets {', '.join(differs)} "
+                     f"unlike {models[0]}; time it on its own with bench.py")
+        options = {k: v for k, v in values.items() if k != "model" and not (k in SHAPE and v == shape[k])}
+        mapping[spec] = values["model"] + ("" if not options else ":" + ";".join(
+            f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(options.items())))
+    return mapping, shape, base_c
+
+
+def measure_speed(results, models):
+    """Run bench.py once for all the grid's models at its shape; write results/NAME/speed.json."""
+    import torch
+    import train
+    info = json.loads((results / "compare.json").read_text())
+    models = models or info["models"]
+    mapping, shape, c = speed_specs(info["train_flags"], models)
+    try:
+        _, meta = train.load_dataset(c)
+    except train.UserError as e:
+        sys.exit(f"error: {e} (--speed needs it for the vocabulary size)")
+    cuda = c.device.startswith("cuda") or c.device == "auto" and torch.cuda.is_available()
+    use_compile = train.str2bool(c.compile) if c.compile != "auto" else cuda
+    bench_specs = list(dict.fromkeys(mapping.values()))
+    argv = ["--json", f"--models={','.join(bench_specs)}", f"--batch_size={c.batch_size}",
+            *[f"--{k}={v}" for k, v in shape.items()], f"--vocab_size={meta['vocab_size']}",
+            f"--device={'cuda' if cuda else 'cpu'}", *(["--compile"] if use_compile else [])]
+    print(f"timing {len(bench_specs)} model(s) in one process: {shown_command('bench.py', argv)}", flush=True)
+    done = subprocess.run([sys.executable, "bench.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"error: bench.py failed: {(done.stderr.strip().splitlines() or [''])[-1]}")
+    rows = {r["model"]: r for r in json.loads(done.stdout)}
+    for run in load_runs(results):  # the same models as the runs trained, or the times say nothing
+        timed = rows.get(mapping.get(run["model"]))
+        if timed and timed["params"] != run["params"]:
+            sys.exit(f"error: bench.py built {run['model']} with {timed['params']:,} parameters, its runs have "
+                     f"{run['params']:,}: not the same model")
+    speed = {"command": shown_command("bench.py", argv), "models": mapping,
+             "ms_per_step": {spec: rows[bench]["ms_per_step"] for spec, bench in mapping.items()},
+             "bench": list(rows.values()), "threads": torch.get_num_threads(), **environment(),
+             "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (results / "speed.json").write_text(json.dumps(speed, indent=1) + "\n")
+    return speed
+
+
+# -----------------------------------------------------------------------------
 # statistics, from the runs' files alone
 
 def load_runs(results):
@@ -347,7 +418,7 @@ def multiplier_intervals(by_length, main, base, fit, n_boot=1000, level=0.95, se
 
 
 def time_to_reach(times, vals, target):
-    """First time the val curve reaches target, interpolated between evals; None if never."""
+    """First time (or step) the val curve reaches target, interpolated between evals; None if never."""
     for i, (t, v) in enumerate(zip(times, vals)):
         if v <= target:
             if i == 0:
@@ -357,8 +428,10 @@ def time_to_reach(times, vals, target):
     return None
 
 
-def summarize(runs, models):
-    """Per model: the numbers of the table. models: the specs in their order; models[0] is the baseline."""
+def summarize(runs, models, speed=None):
+    """Per model: the numbers of the table. models: the specs in their order; models[0] is the baseline.
+    speed: speed.json (compare.py --speed), whose one-process ms/step, when it has every model, replaces
+    the training logs' (which may come from different sittings or machines) in the time columns."""
     base = models[0]
     main = {spec: [r for r in runs if r["model"] == spec and r["length"] == 1.0] for spec in models}
     main = {spec: sorted(rs, key=lambda r: r["seed"]) for spec, rs in main.items() if rs}
@@ -371,7 +444,9 @@ def summarize(runs, models):
     fit = fit_power_law(list(by_length), [sum(v) / len(v) for v in by_length.values()]) if len(by_length) >= 3 else None
     base_final = {r["seed"]: r["final"] for r in main[base]}
     base_mean = sum(base_final.values()) / len(base_final)
-    base_time = sum(r["time"][-1] for r in main[base]) / len(main[base])
+    timed = speed and all(spec in speed["ms_per_step"] for spec in main)
+    ms_per_step = {spec: speed["ms_per_step"][spec] if timed else sum(r["ms_per_step"] for r in rs) / len(rs)
+                   for spec, rs in main.items()}
     ln2 = math.log(2)
     intervals = multiplier_intervals(by_length, main, base, fit) if fit else {}
     rows = []
@@ -385,7 +460,7 @@ def summarize(runs, models):
                "bpb_mean": mean / ln2 / bpt if bpt else None, "bpb_std": std / ln2 / bpt if bpt else None,
                "delta": mean - base_mean, "delta_ci95": None, "welch_p": None,
                "paired_deltas": None, "paired_p": None, "compute_multiplier": None, "compute_multiplier_ci95": None,
-               "time_to_gpt_loss": None, "ms_per_step": sum(r["ms_per_step"] for r in rs) / len(rs)}
+               "steps_to_gpt_loss": None, "time_to_gpt_loss": None, "ms_per_step": ms_per_step[spec]}
         if spec != base:
             row["welch_p"] = welch_p(finals, list(base_final.values()))
             row["delta_ci95"] = welch_interval(finals, list(base_final.values()))
@@ -397,14 +472,19 @@ def summarize(runs, models):
             row["compute_multiplier_ci95"] = intervals[spec]
             covered = [min(by_length), max(by_length)]
             row["multiplier_extrapolated"] = not covered[0] <= needed <= covered[1]
-        # wall-clock to reach the baseline's final loss, on the seed-mean curve, over the baseline's time
+        # steps to reach the baseline's final loss, on the seed-mean curve, over the baseline's steps;
+        # and the time those steps take at the model's ms/step, over the baseline's
         steps = rs[0]["steps"]
         vals = [sum(r["val"][i] for r in rs) / len(rs) for i in range(len(steps))]
-        times = [sum(r["time"][i] for r in rs) / len(rs) for i in range(len(steps))]
-        reached = time_to_reach(times, vals, base_mean)
-        row["time_to_gpt_loss"] = None if reached is None else reached / base_time
+        reached = time_to_reach(steps, vals, base_mean)
+        if reached is not None:
+            row["steps_to_gpt_loss"] = reached / main[base][0]["steps"][-1]
+            row["time_to_gpt_loss"] = row["steps_to_gpt_loss"] * ms_per_step[spec] / ms_per_step[base]
         rows.append(row)
-    return {"baseline": base, "fit": fit, "lengths": {str(k): v for k, v in sorted(by_length.items())}, "rows": rows}
+    source = ({key: speed[key] for key in ("command", "threads", "hostname_cpu", "cuda", "torch", "measured")}
+              if timed else "the training logs")
+    return {"baseline": base, "fit": fit, "lengths": {str(k): v for k, v in sorted(by_length.items())},
+            "ms_per_step_from": source, "rows": rows}
 
 
 # -----------------------------------------------------------------------------
@@ -420,8 +500,8 @@ def fmt_multiplier(x):
 
 def table_markdown(summary, info):
     lines = [f"| model | params | train PFLOPs | val loss (nats/token) | bits/byte | Δ vs {summary['baseline']} "
-             f"| p (Welch) | p (paired) | compute × | time to {summary['baseline']}'s loss | ms/step |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| p (Welch) | p (paired) | compute × | steps to {summary['baseline']}'s loss | time to it | ms/step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
         bpb = "-" if r["bpb_mean"] is None else f"{r['bpb_mean']:.4f}"
         mult = "-" if r["compute_multiplier"] is None else (
@@ -429,12 +509,13 @@ def table_markdown(summary, info):
         low, high = r.get("compute_multiplier_ci95") or (float("nan"),) * 2
         if low == low and r["model"] != summary["baseline"]:
             mult += f" ({fmt_multiplier(low)}–{fmt_multiplier(high)})"
-        reach = "never" if r["time_to_gpt_loss"] is None else f"{r['time_to_gpt_loss']:.2f}"
+        steps, reach = (("never",) * 2 if r["time_to_gpt_loss"] is None else
+                        (f"{r['steps_to_gpt_loss']:.2f}", f"{r['time_to_gpt_loss']:.2f}"))
         delta = "" if r["model"] == summary["baseline"] else f"{r['delta']:+.4f}"
         spread = f" ± {r['val_std']:.4f}" if len(r["seeds"]) > 1 else ""
         lines.append(f"| `{r['model']}` | {r['params'] / 1e6:.2f}M | {r['train_flops'] / 1e15:.3f} | "
                      f"{r['val_mean']:.4f}{spread} (n={len(r['seeds'])}) | {bpb} | {delta} | {fmt_p(r['welch_p'])} | "
-                     f"{fmt_p(r['paired_p'])} | {mult} | {reach} | {r['ms_per_step']:.0f} |")
+                     f"{fmt_p(r['paired_p'])} | {mult} | {steps} | {reach} | {r['ms_per_step']:.0f} |")
     fit = summary["fit"]
     notes = [f"Final val loss (the last eval, at the end of training), mean ± std over the n seeds each model has "
              f"finished (of {info['seeds']}); "
@@ -444,10 +525,22 @@ def table_markdown(summary, info):
              "in brackets its 95% bootstrap interval over seeds (each model's and each baseline length's final losses "
              "resampled, the power law refitted, 1000 times; none with a single seed). "
              if fit else "compute ×: needs baseline runs at 3 or more lengths (--lengths). ",
-             f"time: wall-clock of training steps (evals excluded) to reach the baseline's final loss, over the baseline's. "]
+             "steps: training steps to reach the baseline's final loss (on the seed-mean curve, between evals), "
+             "over the baseline's; time: those steps at the model's ms/step, over the baseline's. ", speed_note(summary)]
     if fit:
         notes.append(f"Fit: L(C) = {fit['a']:.4f}·(C/{fit['c0']:.3g})^-{fit['b']:.3f} + {fit['c']:.4f}.")
     return "\n".join(lines) + "\n\n" + "".join(notes) + "\n"
+
+
+def speed_note(summary):
+    """Where the ms/step column comes from: one process (compare.py --speed), or the training logs."""
+    source = summary["ms_per_step_from"]
+    if isinstance(source, str):
+        return ("ms/step: the median of each run's logged step times, averaged over seeds; runs from different "
+                "sittings or machines do not compare (compare.py --speed times all models in one process). ")
+    where = source["cuda"] or f"{source['hostname_cpu']}, {source['threads']} thread(s)"
+    return (f"ms/step: every model timed in one process, interleaved, at the grid's shape, by compare.py --speed "
+            f"({source['command']}; {where}, torch {source['torch']}, {source['measured']}). ")
 
 
 COLORS = ["#222222", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
@@ -463,9 +556,17 @@ def plots(runs, summary, models, out):
     # the y range: the second half of training, where the models separate
     late = [v for rs in main.values() for r in rs for s, v in zip(r["steps"], r["val"]) if s >= r["steps"][-1] * 0.3]
     ylim = (min(late) - 0.01, max(late) + 0.01) if late else None
+    if isinstance(summary["ms_per_step_from"], dict):  # the steps at the one-process speed: times that compare
+        ms = {r["model"]: r["ms_per_step"] for r in summary["rows"]}
+        for spec, rs in main.items():
+            for r in rs:
+                r["time"] = [step * ms[spec] / 1000 for step in r["steps"]]
+        time_label = "training time at each model's one-process ms/step (s; compare.py --speed)"
+    else:
+        time_label = "training wall-clock as logged (s, evals excluded; sittings may differ)"
     for axis, xlabel, fname in (("steps", "training step", "loss_vs_step.png"),
                                 ("flops", "training FLOPs", "loss_vs_flops.png"),
-                                ("time", "training wall-clock (s, evals excluded)", "loss_vs_time.png")):
+                                ("time", time_label, "loss_vs_time.png")):
         loss_plot(main, summary, color, axis, xlabel, ylim, out / fname)
     delta_plot(summary, color, out / "delta_vs_gpt.png")
 
@@ -542,7 +643,8 @@ def report(results, models=None):
     info = json.loads((results / "compare.json").read_text())
     models = models or info["models"]
     runs = load_runs(results)
-    summary = summarize(runs, models)
+    speed = json.loads((results / "speed.json").read_text()) if (results / "speed.json").exists() else None
+    summary = summarize(runs, models, speed)
     summary["compare"] = info
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     table = table_markdown(summary, info)
@@ -566,6 +668,9 @@ def parse_args(argv):
     parser.add_argument("--lengths", default="", help="extra lengths of the baseline, as multiples of max_iters, e.g. 0.5,2")
     parser.add_argument("--results", default="results", help="folder of the committed results")
     parser.add_argument("--summary", action="store_true", help="only make table.md, summary.json and the plots from the logs")
+    parser.add_argument("--speed", action="store_true",
+                        help="time every model of the grid in one process (bench.py at the grid's shape) into "
+                             "speed.json, then make the table again with those times")
     parser.add_argument("--markdown", action="store_true", help="print table.md when done")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. 2 on a 2-core CPU with OMP_NUM_THREADS=1)")
     args, train_flags = parser.parse_known_args(argv)
@@ -589,9 +694,11 @@ def parse_args(argv):
 def main(argv=None):
     args, train_flags = parse_args(sys.argv[1:] if argv is None else argv)
     results = Path(args.results) / args.name
-    if args.summary:
+    if args.summary or args.speed:
         if not (results / "compare.json").exists():
-            sys.exit(f"error: {results}/compare.json not found: run the grid first (without --summary)")
+            sys.exit(f"error: {results}/compare.json not found: run the grid first (without --summary or --speed)")
+        if args.speed:
+            measure_speed(results, args.models.split(",") if args.models else None)
         print(report(results, args.models.split(",") if args.models else None))
         return
     import gpt

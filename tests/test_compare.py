@@ -52,6 +52,19 @@ def test_tiny_grid_makes_the_table_summary_and_plots(data_dir, tmp_path):
     run(["compare.py", "--name=tiny", f"--results={tmp_path / 'results'}", "--summary", "--models=gpt"])
     table = (out / "table.md").read_text()
     assert "--summary --models=gpt makes it again" in table and "| `dca:dca_k=1` |" not in table
+    assert "from different sittings" in table  # its ms/step came from the logs
+    # --speed: both models timed in one process at the grid's shape, and the table made again with those times
+    run(["compare.py", "--name=tiny", f"--results={tmp_path / 'results'}", "--speed"])
+    speed = json.loads((out / "speed.json").read_text())
+    assert speed["models"] == {"gpt": "gpt", "dca:dca_k=1": "dca:dca_k=1"}
+    assert "--n_layer=2 --n_head=2 --n_embd=32 --block_size=32" in speed["command"] and "--batch_size=4" in speed["command"]
+    assert {r["model"]: r["params"] for r in speed["bench"]} == {r["model"]: r["params"] for r in summary["rows"]}
+    timed = {r["model"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert all(timed[m]["ms_per_step"] == speed["ms_per_step"][m] for m in timed)
+    assert "compare.py --speed (python bench.py --json --models=gpt,dca:dca_k=1" in (out / "table.md").read_text()
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    run(["compare.py", "--name=tiny", f"--results={tmp_path / 'results'}", "--summary"])  # keeps using speed.json
+    assert json.loads((out / "summary.json").read_text())["rows"] == rows
 
 
 def test_a_killed_grid_resumes_without_redoing_finished_runs(data_dir, tmp_path):
@@ -119,6 +132,42 @@ def test_welch_p_value_of_a_known_case(tmp_path):
     assert 0 < row["paired_p"] < 0.05  # the differences 3, 2.8, 3.2 are far from 0 for their spread
     assert abs(row["delta"] + 3.0) < 1e-12 and abs(row["bpb_mean"] - 2.0 / math.log(2)) < 1e-12
     assert row["time_to_gpt_loss"] is not None and row["time_to_gpt_loss"] < 1  # it passes gpt's 5.0 early
+
+
+def test_steps_and_time_to_the_baselines_loss(tmp_path):
+    """x's seed-mean curve reaches gpt's mean final loss (4.0) halfway between its evals at steps 50
+    (5.0) and 75 (3.0), at 5/8 of gpt's 100 steps; at twice gpt's ms/step that takes 5/4 of gpt's
+    time. The one-process times of speed.json replace the logs' when they cover every model, and only then."""
+    for seed, end in ((1, -0.1), (2, 0.1)):
+        write_run(tmp_path / "runs" / f"gpt-s{seed}", "gpt", seed, [9.0, 7.0, 5.0, 4.0 + end])
+        write_run(tmp_path / "runs" / f"x-s{seed}", "x", seed, [9.0, 5.0, 3.0, 2.0 + end / 2])
+    runs = compare.load_runs(tmp_path)
+    row = lambda summary: next(r for r in summary["rows"] if r["model"] == "x")  # noqa: E731
+    logged = compare.summarize(runs, ["gpt", "x"])
+    assert abs(row(logged)["steps_to_gpt_loss"] - 0.625) < 1e-12 and abs(row(logged)["time_to_gpt_loss"] - 0.625) < 1e-12
+    assert logged["ms_per_step_from"] == "the training logs" and row(logged)["ms_per_step"] == 10.0
+    speed = {"ms_per_step": {"gpt": 30.0, "x": 60.0}, "command": "python bench.py --json", "threads": 2,
+             "hostname_cpu": "a CPU", "cuda": None, "torch": "2", "measured": "today"}
+    timed = compare.summarize(runs, ["gpt", "x"], speed)
+    assert abs(row(timed)["steps_to_gpt_loss"] - 0.625) < 1e-12 and abs(row(timed)["time_to_gpt_loss"] - 1.25) < 1e-12
+    assert row(timed)["ms_per_step"] == 60.0 and timed["ms_per_step_from"]["command"] == "python bench.py --json"
+    assert "bench.py --json; a CPU, 2 thread(s)" in compare.table_markdown(timed, {"seeds": [1, 2]})
+    del speed["ms_per_step"]["x"]  # a model it did not time: the logs' times for all, never a mix
+    assert compare.summarize(runs, ["gpt", "x"], speed)["ms_per_step_from"] == "the training logs"
+
+
+def test_speed_times_the_grids_models_at_its_shape():
+    flags = ["--n_layer=8", "--block_size=64", "--value_residual=learnable"]
+    mapping, shape, c = compare.speed_specs(flags[:2], ["gpt:learning_rate=1e-3", "gpt:learning_rate=2e-3",
+                                                       "dca:dca_k=2;n_layer=4", "resformer:value_residual=learnable"])
+    assert shape == {"n_layer": 8, "n_head": 4, "n_embd": 128, "block_size": 64} and c.batch_size == 16
+    assert mapping == {"gpt:learning_rate=1e-3": "gpt", "gpt:learning_rate=2e-3": "gpt",  # learning rates: one model
+                       "dca:dca_k=2;n_layer=4": "dca:dca_k=2;n_layer=4", "resformer:value_residual=learnable":
+                       "resformer:value_residual=learnable"}
+    assert compare.speed_specs(flags, ["resformer"])[0] == {"resformer": "resformer:value_residual=learnable"}
+    for spec, what in (("gpt:batch_size=4", "batch_size"), ("gpt:block_size=32", "block_size"), ("gpt:dtype=float16", "dtype")):
+        with pytest.raises(SystemExit, match=f"{spec} sets {what} unlike gpt"):
+            compare.speed_specs([], ["gpt", spec])
 
 
 def test_welch_interval_of_a_known_case():
