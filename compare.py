@@ -262,12 +262,15 @@ def measure_speed(results, models):
         _, meta = train.load_dataset(c)
     except train.UserError as e:
         sys.exit(f"error: {e} (--speed needs it for the vocabulary size)")
-    cuda = c.device.startswith("cuda") or c.device == "auto" and torch.cuda.is_available()
-    use_compile = train.str2bool(c.compile) if c.compile != "auto" else cuda
+    if c.device == "xla":
+        sys.exit("error: --speed times with bench.py, which runs on cpu, cuda or mps, not xla: time the grid's "
+                 "models on one of those, or compare the runs' logged ms/step, which came from one kind of chip")
+    device = c.device if c.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    use_compile = train.str2bool(c.compile) if c.compile != "auto" else device.startswith("cuda")
     bench_specs = list(dict.fromkeys(mapping.values()))
     argv = ["--json", f"--models={','.join(bench_specs)}", f"--batch_size={c.batch_size}",
             *[f"--{k}={v}" for k, v in shape.items()], f"--vocab_size={meta['vocab_size']}",
-            f"--device={'cuda' if cuda else 'cpu'}", *(["--compile"] if use_compile else [])]
+            f"--device={device}", *(["--compile"] if use_compile else [])]
     print(f"timing {len(bench_specs)} model(s) in one process: {shown_command('bench.py', argv)}", flush=True)
     done = subprocess.run([sys.executable, "bench.py", *argv], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
