@@ -258,14 +258,14 @@ def measure_speed(results, models):
     info = json.loads((results / "compare.json").read_text())
     models = models or info["models"]
     mapping, shape, c = speed_specs(info["train_flags"], models)
-    try:
-        _, meta = train.load_dataset(c)
-    except train.UserError as e:
-        sys.exit(f"error: {e} (--speed needs it for the vocabulary size)")
     if c.device == "xla":
         sys.exit("error: --speed times with bench.py, which runs on cpu, cuda or mps, not xla: time the grid's "
                  "models on one of those, or compare the runs' logged ms/step, which came from one kind of chip")
     device = c.device if c.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        _, meta = train.load_dataset(c)
+    except train.UserError as e:
+        sys.exit(f"error: {e} (--speed needs it for the vocabulary size)")
     use_compile = train.str2bool(c.compile) if c.compile != "auto" else device.startswith("cuda")
     bench_specs = list(dict.fromkeys(mapping.values()))
     argv = ["--json", f"--models={','.join(bench_specs)}", f"--batch_size={c.batch_size}",

@@ -170,6 +170,15 @@ def test_speed_times_the_grids_models_at_its_shape():
             compare.speed_specs([], ["gpt", spec])
 
 
+def test_speed_refuses_what_it_cannot_time(tmp_path):
+    (tmp_path / "compare.json").write_text(json.dumps({"models": ["gpt"], "train_flags": ["--device=xla"]}))
+    with pytest.raises(SystemExit, match="not xla"):
+        compare.measure_speed(tmp_path, None)
+    (tmp_path / "compare.json").write_text(json.dumps({"models": ["gpt"], "train_flags": [f"--data_dir={tmp_path}"]}))
+    with pytest.raises(SystemExit, match="no prepared data .*--speed needs it for the vocabulary size"):
+        compare.measure_speed(tmp_path, None)
+
+
 def test_welch_interval_of_a_known_case():
     # a = 1, 2.2, 2.8 (var 0.84), b = 4, 5, 6 (var 1): se = sqrt(0.84/3 + 1/3), 3.97 degrees of freedom
     # (Welch-Satterthwaite), the 95% interval -3 ± t(0.975, dof)·se; the delta plot's error bars
