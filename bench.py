@@ -61,14 +61,19 @@ def build(spec, args, device):
     return torch.compile(model) if args.compile else model, model.num_params(), model.flops_per_token()
 
 
-def step_dtype(device):
-    """What a step computes in: bf16 autocast on CUDA (train.py's default there), else float32."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def step_dtype(device, name="auto"):
+    """What a step computes in: --dtype, or as train.py's auto picks it: bf16 autocast on CUDA
+    (fp16 before compute capability 8), else float32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return getattr(torch, name)
 
 
 def make_step(model, args, device):
     idx = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size), device=device)
-    dtype = step_dtype(device)
+    dtype = step_dtype(device, args.dtype)
     amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step():
@@ -111,6 +116,8 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="autocast dtype of a step; auto as train.py: bf16 on recent GPUs (fp16 on older), else float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--peak_flops", type=float, default=0.0, help="peak FLOP/s for MFU (default: by device name)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -171,7 +178,7 @@ def measure_memory(runs, args, device):
             run["mem"] = torch.cuda.max_memory_allocated() / 2**20
         else:
             probe = [sys.executable, __file__, f"--memory_probe={spec}"] + [
-                f"--{k}={getattr(args, k)}" for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size")]
+                f"--{k}={getattr(args, k)}" for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size", "dtype")]
             run["mem"] = float(subprocess.run(probe, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
@@ -227,7 +234,7 @@ def main():
         specs.insert(0, "gpt")
     runs = time_steps(specs, args, device)
     measure_memory(runs, args, device)
-    dtype = str(step_dtype(device)).removeprefix("torch.")
+    dtype = str(step_dtype(device, args.dtype)).removeprefix("torch.")
     rows = result_rows(runs, args, peak_flops(device_name(device), dtype, args.peak_flops))
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -245,14 +245,16 @@ def speed_specs(train_flags, models):
         if differs:
             sys.exit(f"error: --speed times every model at one shape, but {spec} sets {', '.join(differs)} "
                      f"unlike {models[0]}; time it on its own with bench.py")
-        options = {k: v for k, v in values.items() if k != "model" and not (k in SHAPE and v == shape[k])}
+        options = {k: v for k, v in values.items() if k not in ("model", *SHAPE)}
+        options.update({k: getattr(config, k) for k in SHAPE if getattr(config, k) != shape[k]})  # its own depth, ...
         mapping[spec] = values["model"] + ("" if not options else ":" + ";".join(
             f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(options.items())))
     return mapping, shape, base_c
 
 
 def measure_speed(results, models):
-    """Run bench.py once for all the grid's models at its shape; write results/NAME/speed.json."""
+    """Run bench.py once for all the grid's models at its shape, in its dtype, on its kind of device;
+    write results/NAME/speed.json."""
     import torch
     import train
     info = json.loads((results / "compare.json").read_text())
@@ -261,31 +263,41 @@ def measure_speed(results, models):
     if c.device == "xla":
         sys.exit("error: --speed times with bench.py, which runs on cpu, cuda or mps, not xla: time the grid's "
                  "models on one of those, or compare the runs' logged ms/step, which came from one kind of chip")
-    device = c.device if c.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        device = train.resolve_device(c.device)  # auto: as train.py picks it
         _, meta = train.load_dataset(c)
     except train.UserError as e:
-        sys.exit(f"error: {e} (--speed needs it for the vocabulary size)")
-    use_compile = train.str2bool(c.compile) if c.compile != "auto" else device.startswith("cuda")
+        sys.exit(f"error: {e} (--speed needs the grid's device and, for the vocabulary size, its data)")
+    use_compile = train.str2bool(c.compile) if c.compile != "auto" else device.type == "cuda"
     bench_specs = list(dict.fromkeys(mapping.values()))
     argv = ["--json", f"--models={','.join(bench_specs)}", f"--batch_size={c.batch_size}",
             *[f"--{k}={v}" for k, v in shape.items()], f"--vocab_size={meta['vocab_size']}",
-            f"--device={device}", *(["--compile"] if use_compile else [])]
+            f"--device={device.type}", f"--dtype={c.dtype}", *(["--compile"] if use_compile else [])]
     print(f"timing {len(bench_specs)} model(s) in one process: {shown_command('bench.py', argv)}", flush=True)
     done = subprocess.run([sys.executable, "bench.py", *argv], cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"error: bench.py failed: {(done.stderr.strip().splitlines() or [''])[-1]}")
-    rows = {r["model"]: r for r in json.loads(done.stdout)}
+    try:
+        rows = {r["model"]: r for r in json.loads(done.stdout)} if done.returncode == 0 else None
+    except json.JSONDecodeError:
+        rows = None
+    if rows is None:
+        sys.exit(f"error: bench.py failed (exit {done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1]}")
     for run in load_runs(results):  # the same models as the runs trained, or the times say nothing
         timed = rows.get(mapping.get(run["model"]))
         if timed and timed["params"] != run["params"]:
             sys.exit(f"error: bench.py built {run['model']} with {timed['params']:,} parameters, its runs have "
                      f"{run['params']:,}: not the same model")
+    # bench times one micro-batch's forward and backward: an optimizer step is gradient_accumulation_steps of them
     speed = {"command": shown_command("bench.py", argv), "models": mapping,
-             "ms_per_step": {spec: rows[bench]["ms_per_step"] for spec, bench in mapping.items()},
-             "bench": list(rows.values()), "threads": torch.get_num_threads(), **environment(),
+             "ms_per_step": {spec: rows[bench]["ms_per_step"] * c.gradient_accumulation_steps
+                             for spec, bench in mapping.items()},
+             "params": {spec: rows[bench]["params"] for spec, bench in mapping.items()},
+             "bench": list(rows.values()), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+             else device.type, "threads": torch.get_num_threads(), **environment(),
              "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
     (results / "speed.json").write_text(json.dumps(speed, indent=1) + "\n")
+    if set(models) != set(info["models"]):
+        print(f"speed.json now times {len(models)} of the grid's {len(info['models'])} models: a table of others "
+              f"takes its times from the training logs", flush=True)
     return speed
 
 
@@ -447,7 +459,7 @@ def summarize(runs, models, speed=None):
     fit = fit_power_law(list(by_length), [sum(v) / len(v) for v in by_length.values()]) if len(by_length) >= 3 else None
     base_final = {r["seed"]: r["final"] for r in main[base]}
     base_mean = sum(base_final.values()) / len(base_final)
-    timed = speed and all(spec in speed["ms_per_step"] for spec in main)
+    timed = speed and all(speed["params"].get(spec) == rs[0]["params"] for spec, rs in main.items())  # and current
     ms_per_step = {spec: speed["ms_per_step"][spec] if timed else sum(r["ms_per_step"] for r in rs) / len(rs)
                    for spec, rs in main.items()}
     ln2 = math.log(2)
@@ -484,7 +496,7 @@ def summarize(runs, models, speed=None):
             row["steps_to_gpt_loss"] = reached / main[base][0]["steps"][-1]
             row["time_to_gpt_loss"] = row["steps_to_gpt_loss"] * ms_per_step[spec] / ms_per_step[base]
         rows.append(row)
-    source = ({key: speed[key] for key in ("command", "threads", "hostname_cpu", "cuda", "torch", "measured")}
+    source = ({key: speed[key] for key in ("command", "device", "threads", "hostname_cpu", "torch", "measured")}
               if timed else "the training logs")
     return {"baseline": base, "fit": fit, "lengths": {str(k): v for k, v in sorted(by_length.items())},
             "ms_per_step_from": source, "rows": rows}
@@ -541,9 +553,10 @@ def speed_note(summary):
     if isinstance(source, str):
         return ("ms/step: the median of each run's logged step times, averaged over seeds; runs from different "
                 "sittings or machines do not compare (compare.py --speed times all models in one process). ")
-    where = source["cuda"] or f"{source['hostname_cpu']}, {source['threads']} thread(s)"
+    where = source["device"] if source["device"] != "cpu" else f"{source['hostname_cpu']}, {source['threads']} thread(s)"
     return (f"ms/step: every model timed in one process, interleaved, at the grid's shape, by compare.py --speed "
-            f"({source['command']}; {where}, torch {source['torch']}, {source['measured']}). ")
+            f"({source['command']}; {where}, torch {source['torch']}, {source['measured']}; forward and backward, "
+            f"the optimizer step left out). ")
 
 
 COLORS = ["#222222", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
@@ -561,9 +574,8 @@ def plots(runs, summary, models, out):
     ylim = (min(late) - 0.01, max(late) + 0.01) if late else None
     if isinstance(summary["ms_per_step_from"], dict):  # the steps at the one-process speed: times that compare
         ms = {r["model"]: r["ms_per_step"] for r in summary["rows"]}
-        for spec, rs in main.items():
-            for r in rs:
-                r["time"] = [step * ms[spec] / 1000 for step in r["steps"]]
+        main = {spec: [{**r, "time": [step * ms[spec] / 1000 for step in r["steps"]]} for r in rs]
+                for spec, rs in main.items()}
         time_label = "training time at each model's one-process ms/step (s; compare.py --speed)"
     else:
         time_label = "training wall-clock as logged (s, evals excluded; sittings may differ)"

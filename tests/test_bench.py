@@ -41,6 +41,12 @@ def test_bench_mfu_with_a_given_peak():
     assert r["mfu"] > 0 and abs(r["mfu"] / (r["flops_per_token"] * r["tokens_per_s"] / 1e8) - 1) < 1e-2
 
 
+def test_bench_dtype_is_the_steps_autocast_dtype():
+    out = bench("--models=gpt", "--markdown", "--dtype=bfloat16")
+    assert out.returncode == 0, out.stderr
+    assert "| bfloat16 |" in out.stdout.splitlines()[0] and "| float32 |" in bench("--models=gpt", "--markdown").stdout
+
+
 def test_bench_markdown_has_one_row_per_model():
     out = bench("--models=gpt,svformer", "--markdown")
     assert out.returncode == 0, out.stderr

@@ -146,13 +146,15 @@ def test_steps_and_time_to_the_baselines_loss(tmp_path):
     logged = compare.summarize(runs, ["gpt", "x"])
     assert abs(row(logged)["steps_to_gpt_loss"] - 0.625) < 1e-12 and abs(row(logged)["time_to_gpt_loss"] - 0.625) < 1e-12
     assert logged["ms_per_step_from"] == "the training logs" and row(logged)["ms_per_step"] == 10.0
-    speed = {"ms_per_step": {"gpt": 30.0, "x": 60.0}, "command": "python bench.py --json", "threads": 2,
-             "hostname_cpu": "a CPU", "cuda": None, "torch": "2", "measured": "today"}
+    speed = {"ms_per_step": {"gpt": 30.0, "x": 60.0}, "params": {"gpt": 1000, "x": 1000}, "device": "cpu",
+             "command": "python bench.py --json", "threads": 2, "hostname_cpu": "a CPU", "torch": "2", "measured": "today"}
     timed = compare.summarize(runs, ["gpt", "x"], speed)
     assert abs(row(timed)["steps_to_gpt_loss"] - 0.625) < 1e-12 and abs(row(timed)["time_to_gpt_loss"] - 1.25) < 1e-12
     assert row(timed)["ms_per_step"] == 60.0 and timed["ms_per_step_from"]["command"] == "python bench.py --json"
     assert "bench.py --json; a CPU, 2 thread(s)" in compare.table_markdown(timed, {"seeds": [1, 2]})
-    del speed["ms_per_step"]["x"]  # a model it did not time: the logs' times for all, never a mix
+    del speed["params"]["x"]  # a model it did not time: the logs' times for all, never a mix
+    assert compare.summarize(runs, ["gpt", "x"], speed)["ms_per_step_from"] == "the training logs"
+    speed["params"]["x"] = 999  # nor when it timed another model than the runs trained (a stale speed.json)
     assert compare.summarize(runs, ["gpt", "x"], speed)["ms_per_step_from"] == "the training logs"
 
 
@@ -165,9 +167,34 @@ def test_speed_times_the_grids_models_at_its_shape():
                        "dca:dca_k=2;n_layer=4": "dca:dca_k=2;n_layer=4", "resformer:value_residual=learnable":
                        "resformer:value_residual=learnable"}
     assert compare.speed_specs(flags, ["resformer"])[0] == {"resformer": "resformer:value_residual=learnable"}
+    # a model that keeps a shape field at its default while the baseline sets it: timed at its own
+    assert compare.speed_specs([], ["gpt:n_layer=8", "dca"])[0] == {"gpt:n_layer=8": "gpt", "dca": "dca:n_layer=4"}
     for spec, what in (("gpt:batch_size=4", "batch_size"), ("gpt:block_size=32", "block_size"), ("gpt:dtype=float16", "dtype")):
         with pytest.raises(SystemExit, match=f"{spec} sets {what} unlike gpt"):
             compare.speed_specs([], ["gpt", spec])
+
+
+def test_speed_times_an_optimizer_step_in_the_grids_dtype(data_dir, tmp_path, monkeypatch):
+    """bench.py gets the grid's shape, dtype and device; an optimizer step of 2 accumulated micro-batches
+    takes 2 of bench's (micro-batch) steps."""
+    flags = [f"--data_dir={data_dir}", "--gradient_accumulation_steps=2", "--dtype=bfloat16", "--batch_size=4"]
+    (tmp_path / "compare.json").write_text(json.dumps({"models": ["gpt", "dcmha"], "train_flags": flags}))
+    calls = []
+
+    def fake_bench(argv, **kwargs):
+        calls.append(argv)
+        rows = [{"model": m, "params": 1, "ms_per_step": 10.0 * (i + 1)} for i, m in enumerate(["gpt", "dcmha"])]
+        return subprocess.CompletedProcess(argv, 0, stdout=json.dumps(rows), stderr="")
+    monkeypatch.setattr(compare.subprocess, "run", fake_bench)
+    speed = compare.measure_speed(tmp_path, None)
+    assert "--dtype=bfloat16" in calls[0] and "--device=cpu" in calls[0] and "--batch_size=4" in calls[0]
+    assert "--vocab_size=256" in calls[0] and "--compile" not in calls[0]
+    assert speed["ms_per_step"] == {"gpt": 20.0, "dcmha": 40.0} and speed["device"] == "cpu"
+    assert json.loads((tmp_path / "speed.json").read_text())["ms_per_step"] == speed["ms_per_step"]
+    monkeypatch.setattr(compare.subprocess, "run", lambda argv, **kw: subprocess.CompletedProcess(
+        argv, 0, stdout="a warning, then no JSON", stderr=""))
+    with pytest.raises(SystemExit, match="bench.py failed"):
+        compare.measure_speed(tmp_path, None)
 
 
 def test_speed_refuses_what_it_cannot_time(tmp_path):
@@ -175,7 +202,7 @@ def test_speed_refuses_what_it_cannot_time(tmp_path):
     with pytest.raises(SystemExit, match="not xla"):
         compare.measure_speed(tmp_path, None)
     (tmp_path / "compare.json").write_text(json.dumps({"models": ["gpt"], "train_flags": [f"--data_dir={tmp_path}"]}))
-    with pytest.raises(SystemExit, match="no prepared data .*--speed needs it for the vocabulary size"):
+    with pytest.raises(SystemExit, match="no prepared data .*for the vocabulary size, its data"):
         compare.measure_speed(tmp_path, None)
 
 
