@@ -192,7 +192,7 @@ def profile_model(device, spec, shape, out_file):
     """In a process of its own: the top kernels of three compiled training steps."""
     import torch
     import bench
-    args = argparse.Namespace(**shape, compile=True)
+    args = argparse.Namespace(**shape, compile=True, dtype="auto")  # bench.py's flags: as train.py picks the dtype
     device = torch.device(device)
     model, _, _ = bench.build(spec, args, device)
     step = bench.make_step(model, args, device)
