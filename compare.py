@@ -16,7 +16,8 @@ git commit) are copied to results/NAME/runs/, and the summary is made from those
                               seeds, nats/token and bits/byte), Δ vs gpt with Welch's and the
                               paired (same seeds = same batches) t-test, the compute multiplier,
                               the steps and the time to reach gpt's final loss, ms/step
-    loss_vs_step.png, loss_vs_flops.png, loss_vs_time.png, delta_vs_gpt.png
+    loss_vs_step.png, loss_vs_flops.png, loss_vs_time.png, delta_vs_gpt.png (and with --speed,
+    steps_vs_step_time.png: the steps each model saves against the step time it pays)
 
 Times from a grid's logs compare only if its runs shared one machine alike; --speed times every
 model in one process instead (bench.py at the grid's shape, interleaved: speed.json), and the
@@ -492,8 +493,12 @@ def summarize(runs, models, speed=None):
         steps = rs[0]["steps"]
         vals = [sum(r["val"][i] for r in rs) / len(rs) for i in range(len(steps))]
         reached = time_to_reach(steps, vals, base_mean)
+        base_steps = main[base][0]["steps"][-1]
+        paired = [time_to_reach(r["steps"], r["val"], base_final[r["seed"]]) for r in rs if r["seed"] in base_final]
+        row["steps_to_gpt_loss_paired"] = [None if x is None else x / base_steps for x in paired]  # each seed: to its
+        # baseline seed's final loss (the baseline's own: 1.0)
         if reached is not None:
-            row["steps_to_gpt_loss"] = reached / main[base][0]["steps"][-1]
+            row["steps_to_gpt_loss"] = reached / base_steps
             row["time_to_gpt_loss"] = row["steps_to_gpt_loss"] * ms_per_step[spec] / ms_per_step[base]
         rows.append(row)
     source = ({key: speed[key] for key in ("command", "device", "threads", "hostname_cpu", "torch", "measured")}
@@ -563,7 +568,8 @@ COLORS = ["#222222", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c
 
 
 def plots(runs, summary, models, out):
-    """loss_vs_{step,flops,time}.png (each model's seed-mean val curve, a min-max band) and delta_vs_gpt.png."""
+    """loss_vs_{step,flops,time}.png (each model's seed-mean val curve, a min-max band), delta_vs_gpt.png
+    and, with one-process times (speed.json), steps_vs_step_time.png."""
     import matplotlib
     matplotlib.use("Agg")
     main = {spec: [r for r in runs if r["model"] == spec and r["length"] == 1.0] for spec in models}
@@ -584,6 +590,10 @@ def plots(runs, summary, models, out):
                                 ("time", time_label, "loss_vs_time.png")):
         loss_plot(main, summary, color, axis, xlabel, ylim, out / fname)
     delta_plot(summary, color, out / "delta_vs_gpt.png")
+    if isinstance(summary["ms_per_step_from"], dict):
+        cost_plot(summary, color, out / "steps_vs_step_time.png")
+    else:  # (one from an earlier speed.json would no longer match the table)
+        (out / "steps_vs_step_time.png").unlink(missing_ok=True)
 
 
 def loss_plot(main, summary, color, axis, xlabel, ylim, path):
@@ -625,6 +635,51 @@ def power_law_overlay(ax, summary, color):
     ax.scatter(*zip(*points), color=color, zorder=5, s=25)
     ax.set_xscale("log")
     return min(y for _, y in points)
+
+
+def cost_plot(summary, color, path):
+    """What each idea saves and what it costs: steps to the baseline's final loss against step time,
+    both over the baseline's (one-process times). On the curve steps x time = t, reaching the
+    baseline's loss takes t times its wall-clock: below t = 1 a model gets there first."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    base = summary["baseline"]
+    base_ms = next(r["ms_per_step"] for r in summary["rows"] if r["model"] == base)
+    points = [(r, r["ms_per_step"] / base_ms) for r in summary["rows"] if r["steps_to_gpt_loss"] is not None]
+    never = [r["model"] for r in summary["rows"] if r["steps_to_gpt_loss"] is None]
+    xs = [x for _, x in points] + [1.0]
+    ys = [v for r, _ in points for v in [r["steps_to_gpt_loss"], *r["steps_to_gpt_loss_paired"]] if v is not None] + [1.0]
+    x_range = np.linspace(min(xs) - 0.1, max(xs) + 0.1, 200)
+    y_low, y_high = min(ys) - 0.05, max(ys) + 0.05
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=130)
+    ax.fill_between(x_range, 0, 1 / x_range, color="#2ca02c", alpha=0.07, lw=0)
+    for t in (0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0):
+        ax.plot(x_range, t / x_range, color="gray", lw=1.2 if t == 1 else 0.6, ls="-" if t == 1 else ":")
+        if x_range[0] <= t / y_high <= x_range[-1]:  # its label where it leaves the top of the plot
+            ax.annotate(f"{t:g}×", (t / y_high, y_high), xytext=(2, -10), textcoords="offset points", fontsize=7, color="gray")
+    for r, x in points:
+        paired = [v for v in r["steps_to_gpt_loss_paired"] if v is not None]
+        if r["model"] != base and len(paired) > 1:
+            ax.plot([x, x], [min(paired), max(paired)], color=color[r["model"]], lw=1.5, alpha=0.5)
+        missing = len(r["steps_to_gpt_loss_paired"]) - len(paired)
+        ax.scatter([x], [r["steps_to_gpt_loss"]], s=70 if r["model"] == base else 45, color=color[r["model"]], zorder=3,
+                   edgecolors="white", lw=0.8, label=r["model"] + (
+                       f" ({missing} of {len(r['steps_to_gpt_loss_paired'])} seeds miss their {base} seed's loss)"
+                       if missing and r["model"] != base else ""))
+    ax.set_xlim(x_range[0], x_range[-1])
+    ax.set_ylim(y_low, y_high)
+    ax.set_xlabel(f"step time ÷ {base}'s (one process: compare.py --speed)")
+    ax.set_ylabel(f"steps to {base}'s final loss ÷ {base}'s")
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=7, frameon=False, loc="upper right")
+    source = summary["ms_per_step_from"]
+    ax.set_title(f"{path.parent.name}: steps saved vs step time paid · curves: time to {base}'s loss ÷ {base}'s "
+                 f"(green: less)\ndot: seed-mean curve · bar: each seed to its {base} seed's final loss, min-max · "
+                 f"{source['device']}, {source['threads']} thread(s)" + (f" · never: {', '.join(never)}" if never else ""),
+                 fontsize=8.5)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def delta_plot(summary, color, path):

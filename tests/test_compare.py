@@ -52,7 +52,7 @@ def test_tiny_grid_makes_the_table_summary_and_plots(data_dir, tmp_path):
     run(["compare.py", "--name=tiny", f"--results={tmp_path / 'results'}", "--summary", "--models=gpt"])
     table = (out / "table.md").read_text()
     assert "--summary --models=gpt makes it again" in table and "| `dca:dca_k=1` |" not in table
-    assert "from different sittings" in table  # its ms/step came from the logs
+    assert "from different sittings" in table and not (out / "steps_vs_step_time.png").exists()  # times from the logs
     # --speed: both models timed in one process at the grid's shape, and the table made again with those times
     run(["compare.py", "--name=tiny", f"--results={tmp_path / 'results'}", "--speed"])
     speed = json.loads((out / "speed.json").read_text())
@@ -62,6 +62,7 @@ def test_tiny_grid_makes_the_table_summary_and_plots(data_dir, tmp_path):
     timed = {r["model"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
     assert all(timed[m]["ms_per_step"] == speed["ms_per_step"][m] for m in timed)
     assert "compare.py --speed (python bench.py --json --models=gpt,dca:dca_k=1" in (out / "table.md").read_text()
+    assert (out / "steps_vs_step_time.png").stat().st_size > 0  # drawn only with one-process times
     rows = json.loads((out / "summary.json").read_text())["rows"]
     run(["compare.py", "--name=tiny", f"--results={tmp_path / 'results'}", "--summary"])  # keeps using speed.json
     assert json.loads((out / "summary.json").read_text())["rows"] == rows
@@ -146,6 +147,9 @@ def test_steps_and_time_to_the_baselines_loss(tmp_path):
     logged = compare.summarize(runs, ["gpt", "x"])
     assert abs(row(logged)["steps_to_gpt_loss"] - 0.625) < 1e-12 and abs(row(logged)["time_to_gpt_loss"] - 0.625) < 1e-12
     assert logged["ms_per_step_from"] == "the training logs" and row(logged)["ms_per_step"] == 10.0
+    # each seed to its baseline seed's final loss: 3.9 at 50 + 25 * 1.1 / 2 steps, 4.1 at 50 + 25 * 0.9 / 2
+    assert [round(v, 12) for v in row(logged)["steps_to_gpt_loss_paired"]] == [0.6375, 0.6125]
+    assert logged["rows"][0]["steps_to_gpt_loss_paired"] == [1.0, 1.0]  # the baseline's own
     speed = {"ms_per_step": {"gpt": 30.0, "x": 60.0}, "params": {"gpt": 1000, "x": 1000}, "device": "cpu",
              "command": "python bench.py --json", "threads": 2, "hostname_cpu": "a CPU", "torch": "2", "measured": "today"}
     timed = compare.summarize(runs, ["gpt", "x"], speed)
