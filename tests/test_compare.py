@@ -94,6 +94,15 @@ def test_a_killed_grid_resumes_without_redoing_finished_runs(data_dir, tmp_path)
     assert [r["step"] for r in log] == logged  # one record per step, the resumed ones once
 
 
+def test_several_runs_at_a_time_share_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 8)
+    assert compare.run_environment(2)["OMP_NUM_THREADS"] == "4" and compare.run_environment(16)["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in compare.run_environment(1)  # one run: torch's own choice
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert compare.run_environment(2)["OMP_NUM_THREADS"] == "3"  # the user's, kept
+
+
 def test_bad_train_flags_fail_before_anything_trains(data_dir, tmp_path):
     result = run(compare_args(tmp_path, data_dir, "--name=bad", "--models=gpt,dca:dca_k=x"), check=False)
     assert result.returncode != 0 and "dca_k" in result.stderr and "Traceback" not in result.stderr
