@@ -24,7 +24,7 @@ from dataclasses import fields
 import torch
 
 import gpt
-from train import ArgumentParser, UserError, run_cli, device_name, peak_flops, resolve_device
+from train import ArgumentParser, UserError, run_cli, device_name, peak_flops, resolve_device, resolve_dtype
 from train import str2bool  # the flag parser's reading of true / false
 
 
@@ -62,13 +62,8 @@ def build(spec, args, device):
 
 
 def step_dtype(device, name="auto"):
-    """What a step computes in: --dtype, or as train.py's auto picks it: bf16 autocast on CUDA
-    (fp16 before compute capability 8), else float32."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
-    return getattr(torch, name)
+    """What a step computes in: --dtype, auto as train.py picks it (bf16 autocast on recent GPUs, else float32)."""
+    return getattr(torch, resolve_dtype(name, device))
 
 
 def make_step(model, args, device):

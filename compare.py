@@ -590,7 +590,8 @@ def plots(runs, summary, models, out):
     # the y range: the second half of training, where the models separate
     late = [v for rs in main.values() for r in rs for s, v in zip(r["steps"], r["val"]) if s >= r["steps"][-1] * 0.3]
     ylim = (min(late) - 0.01, max(late) + 0.01) if late else None
-    if isinstance(summary["ms_per_step_from"], dict):  # the steps at the one-process speed: times that compare
+    timed = isinstance(summary["ms_per_step_from"], dict)  # one-process times (speed.json), not the logs'
+    if timed:  # the steps at the one-process speed: times that compare
         ms = {r["model"]: r["ms_per_step"] for r in summary["rows"]}
         main = {spec: [{**r, "time": [step * ms[spec] / 1000 for step in r["steps"]]} for r in rs]
                 for spec, rs in main.items()}
@@ -602,7 +603,7 @@ def plots(runs, summary, models, out):
                                 ("time", time_label, "loss_vs_time.png")):
         loss_plot(main, summary, color, axis, xlabel, ylim, out / fname)
     delta_plot(summary, color, out / "delta_vs_gpt.png")
-    if isinstance(summary["ms_per_step_from"], dict):
+    if timed:
         cost_plot(summary, color, out / "steps_vs_step_time.png")
     else:  # (one from an earlier speed.json would no longer match the table)
         (out / "steps_vs_step_time.png").unlink(missing_ok=True)

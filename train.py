@@ -650,6 +650,15 @@ def resolve_device(name, local=0):
     return torch.device(name)
 
 
+def resolve_dtype(dtype, device, is_xla=False):
+    """--dtype's name; auto: bf16 on recent GPUs (fp16 before compute capability 8) and TPU, else float32."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
+    return "bfloat16" if is_xla else "float32"
+
+
 def setup_device(c, rank, world, local):
     """-> System: the device (DDP's process group joined when under torchrun) and the dtype."""
     name = c.device
@@ -668,12 +677,7 @@ def setup_device(c, rank, world, local):
         if name == "xla":
             raise UserError("DDP via torchrun is for CUDA and CPU; on TPU run one process per host")
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    dtype = c.dtype
-    if dtype == "auto":
-        if device.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
-        else:
-            dtype = "bfloat16" if name == "xla" else "float32"
+    dtype = resolve_dtype(c.dtype, device, is_xla=name == "xla")
     if c.gradient_accumulation_steps % world:
         raise UserError(f"--gradient_accumulation_steps={c.gradient_accumulation_steps} must be a "
                         f"multiple of the number of processes ({world})")
