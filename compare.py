@@ -413,33 +413,37 @@ def flops_to_reach(fit, loss):
 def multiplier_intervals(by_length, main, base, fit, n_boot=1000, level=0.95, seed=0):
     """Each model's compute multiplier with a bootstrap interval over seeds: every model's finals
     and every baseline length's are resampled with replacement (the baseline's 1x runs once, as its
-    fit point and its mean), the power law refitted, n_boot times, from a fixed seed.
+    fit point and its mean), the power law refitted, n_boot times. The baseline's resamples come
+    from one fixed-seed stream and each model's from its own, seeded by its spec, so a model's
+    interval does not move when other models join or leave the table.
     by_length {baseline FLOPs: [finals]}, main {spec: runs at 1x}. -> {spec: (low, high)}, (nan, nan)
     where a model or a fit point has fewer than 2 seeds (a resample of one value has no spread)."""
+    import zlib
     import numpy as np
     no_interval = (float("nan"), float("nan"))
     if any(len(v) < 2 for v in by_length.values()):  # a fit point of one seed: no interval for anyone
         return {spec: no_interval for spec in main}
-    rng = np.random.default_rng(seed)
-    base_flops = main[base][0]["total_flops"]
-    finals = {spec: [r["final"] for r in rs] for spec, rs in main.items()}
     points = sorted(by_length)
-    samples = {spec: [] for spec in main}
+    base_at = points.index(main[base][0]["total_flops"])
+    rng = np.random.default_rng(seed)
+    refits, base_means = [], []  # the baseline's resampled fit points and their refitted law
     for _ in range(n_boot):
-        means = {spec: float(rng.choice(v, len(v)).mean()) for spec, v in finals.items() if spec != base}
         point_means = [float(rng.choice(by_length[c], len(by_length[c])).mean()) for c in points]
-        means[base] = point_means[points.index(base_flops)]
-        refit = fit_power_law(points, point_means, start=fit)
-        if refit is None:
-            continue
-        for spec, mean in means.items():
-            samples[spec].append(flops_to_reach(refit, mean) / main[spec][0]["total_flops"])
+        refits.append(fit_power_law(points, point_means, start=fit))
+        base_means.append(point_means[base_at])
     intervals = {}
-    for spec, xs in samples.items():
-        if len(finals[spec]) < 2 or len(xs) < 0.9 * n_boot:  # or too many refits failed
+    for spec, rs in main.items():
+        finals = [r["final"] for r in rs]
+        if spec == base:
+            means = base_means
+        else:
+            spec_rng = np.random.default_rng([seed, zlib.crc32(spec.encode())])  # the spec's own stream
+            means = [float(spec_rng.choice(finals, len(finals)).mean()) for _ in range(n_boot)]
+        xs = sorted(flops_to_reach(refit, mean) / rs[0]["total_flops"]  # inf (below the asymptote) sorts last
+                    for refit, mean in zip(refits, means) if refit is not None)
+        if len(finals) < 2 or len(xs) < 0.9 * n_boot:  # or too many refits failed
             intervals[spec] = no_interval
             continue
-        xs = sorted(xs)  # inf (below the asymptote) sorts last
         tail = (1 - level) / 2
         intervals[spec] = (xs[int(math.floor(tail * (len(xs) - 1)))], xs[int(math.ceil((1 - tail) * (len(xs) - 1)))])
     return intervals

@@ -262,6 +262,7 @@ def test_compute_multiplier_of_a_shifted_power_law(tmp_path):
     rows = {r["model"]: r for r in compare.summarize(compare.load_runs(tmp_path), ["gpt", "m", "wide", "single"])["rows"]}
     wide_low, wide_high = rows["wide"]["compute_multiplier_ci95"]
     assert wide_high - wide_low > 2 * (high - low)
+    assert rows["m"]["compute_multiplier_ci95"] == (low, high)  # other models in the table do not move m's
     assert all(x != x for x in rows["single"]["compute_multiplier_ci95"])
     assert " (1." in compare.table_markdown(compare.summarize(compare.load_runs(tmp_path), ["gpt", "m"]),
                                             {"seeds": [1, 2]}).splitlines()[3]  # m's row shows its interval
