@@ -460,6 +460,19 @@ def time_to_reach(times, vals, target):
     return None
 
 
+def steps_to_baseline_loss(runs, base_runs):
+    """The steps a model's runs need to reach the baseline's final loss, over the baseline's steps:
+    on the seed-mean curves (None if never), and per seed to its baseline seed's final (the
+    baseline's own: 1.0; None where never, or for a seed the baseline lacks: left out)."""
+    base_final = {r["seed"]: r["final"] for r in base_runs}
+    base_steps = base_runs[0]["steps"][-1]
+    steps = runs[0]["steps"]
+    vals = [sum(r["val"][i] for r in runs) / len(runs) for i in range(len(steps))]
+    reached = time_to_reach(steps, vals, sum(base_final.values()) / len(base_final))
+    paired = [time_to_reach(r["steps"], r["val"], base_final[r["seed"]]) for r in runs if r["seed"] in base_final]
+    return (None if reached is None else reached / base_steps), [None if x is None else x / base_steps for x in paired]
+
+
 def summarize(runs, models, speed=None):
     """Per model: the numbers of the table. models: the specs in their order; models[0] is the baseline.
     speed: speed.json (compare.py --speed), whose one-process ms/step, when it has every model, replaces
@@ -504,17 +517,8 @@ def summarize(runs, models, speed=None):
             row["compute_multiplier_ci95"] = intervals[spec]
             covered = [min(by_length), max(by_length)]
             row["multiplier_extrapolated"] = not covered[0] <= needed <= covered[1]
-        # steps to reach the baseline's final loss, on the seed-mean curve, over the baseline's steps;
-        # and the time those steps take at the model's ms/step, over the baseline's
-        steps = rs[0]["steps"]
-        vals = [sum(r["val"][i] for r in rs) / len(rs) for i in range(len(steps))]
-        reached = time_to_reach(steps, vals, base_mean)
-        base_steps = main[base][0]["steps"][-1]
-        paired = [time_to_reach(r["steps"], r["val"], base_final[r["seed"]]) for r in rs if r["seed"] in base_final]
-        row["steps_to_gpt_loss_paired"] = [None if x is None else x / base_steps for x in paired]  # each seed: to its
-        # baseline seed's final loss (the baseline's own: 1.0)
-        if reached is not None:
-            row["steps_to_gpt_loss"] = reached / base_steps
+        row["steps_to_gpt_loss"], row["steps_to_gpt_loss_paired"] = steps_to_baseline_loss(rs, main[base])
+        if row["steps_to_gpt_loss"] is not None:  # and the time those steps take, over the baseline's
             row["time_to_gpt_loss"] = row["steps_to_gpt_loss"] * ms_per_step[spec] / ms_per_step[base]
         rows.append(row)
     source = ({key: speed[key] for key in ("command", "device", "threads", "hostname_cpu", "torch", "measured")}
