@@ -34,7 +34,7 @@ def read_prompt(start):
         raise UserError(f"--start={start}: cannot read it ({e.strerror})")
 
 
-def main(argv=None):
+def parse_args(argv):
     parser = ArgumentParser(prog="sample.py", description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     parser.add_argument("--out_dir", default="out-gpt",
                         help="the folder with ckpt.pt (default: out-gpt; train.py's for --model=X is out-X)")
@@ -54,21 +54,28 @@ def main(argv=None):
         raise UserError(f"--temperature={args.temperature} must be >= 0 (0 = greedy)")
     if args.top_k < 0:
         raise UserError(f"--top_k={args.top_k} must be >= 0 (0 = no top-k filtering)")
-    device = resolve_device(args.device)
-    start = read_prompt(args.start)
+    return args
 
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+
+def load_model(out_dir, device):
+    """out_dir/ckpt.pt -> (the model on device, in eval mode, its checkpoint, its tokenizer)."""
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(ckpt_path):
-        raise UserError(f"{ckpt_path} not found; train first (python train.py --out_dir={args.out_dir})")
+        raise UserError(f"{ckpt_path} not found; train first (python train.py --out_dir={out_dir})")
     checkpoint = load_checkpoint(ckpt_path)
     try:
         model = gpt.build_model(gpt.config_from_dict(checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
     except (ValueError, TypeError, RuntimeError) as e:
         raise UserError(f"{ckpt_path} does not fit its own model config: {str(e).splitlines()[0][:200]}")
-    model.to(device).eval()
-    tokenizer = get_tokenizer(checkpoint["meta"]["tokenizer"])
+    return model.to(device).eval(), checkpoint, get_tokenizer(checkpoint["meta"]["tokenizer"])
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    start = read_prompt(args.start)
+    model, checkpoint, tokenizer = load_model(args.out_dir, device)
     ids = tokenizer.encode(start)
     if not ids:
         raise UserError("--start is empty after tokenization; give some text")
