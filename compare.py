@@ -6,6 +6,7 @@ and the baseline's loss-vs-compute curve to turn a loss difference into a comput
                       --lengths=0.5,2 --n_layer=8 --max_iters=1000     # any train.py flag
     python compare.py --name=deep8 --summary                           # table + plots from the logs
     python compare.py --name=deep8 --speed                             # every model's ms/step, one process
+    python compare.py --name=depth --across=deep8,deep16               # the same models across grids
 
 Every (model, seed) trains with train.py into out_dir/NAME/<model>-s<seed>/; a finished run is
 skipped and an interrupted one resumes (--init_from=resume), so a grid fills up over several
@@ -22,6 +23,10 @@ git commit) are copied to results/NAME/runs/, and the summary is made from those
 Times from a grid's logs compare only if its runs shared one machine alike; --speed times every
 model in one process instead (bench.py at the grid's shape, interleaved: speed.json), and the
 table's time columns and loss_vs_time.png then use those.
+
+--across puts grids side by side (their summary.json files, made by --summary): each model's
+Δ vs the baseline with both p-values and its compute multiplier in every grid, one table and
+delta_across.png, in results/NAME/ — e.g. the same models at 8 and 16 layers.
 
 Model specs are bench.py's: name[:key=value;key=value]. --lengths runs the baseline (the first
 model) again at those multiples of max_iters (each with its own full cosine schedule); a power
@@ -749,6 +754,128 @@ def report(results, models=None):
 
 
 # -----------------------------------------------------------------------------
+# grids side by side (--across)
+
+def load_grids(root, grids):
+    """{grid: its summary.json}, every grid with the same baseline; a clear error otherwise."""
+    summaries = {}
+    for grid in grids:
+        path = root / grid / "summary.json"
+        if not path.exists():
+            sys.exit(f"error: {path} not found: make it with python compare.py --name={grid} --summary")
+        summaries[grid] = json.loads(path.read_text())
+    baselines = {s["baseline"] for s in summaries.values()}
+    if len(baselines) > 1:
+        sys.exit(f"error: the grids have different baselines ({', '.join(sorted(baselines))}): their Δs do not compare")
+    return summaries
+
+
+def grid_differences(summaries):
+    """{grid: the train.py flags it does not share with every other grid}: what the grids vary."""
+    flags = {grid: [f for f in s["compare"]["train_flags"] if not f.startswith(("--data_dir=", "--out_dir="))]
+             for grid, s in summaries.items()}  # (where the files were is no difference)
+    shared = set.intersection(*(set(f) for f in flags.values()))
+    return {grid: [f for f in f_list if f not in shared] for grid, f_list in flags.items()}
+
+
+def across_markdown(summaries, models, again):
+    """One row per model: in each grid its Δ vs the baseline (n), p (Welch / paired), compute ×."""
+    grids = list(summaries)
+    base = next(iter(summaries.values()))["baseline"]
+    differs = grid_differences(summaries)
+    lines = [f"# {again.split('--name=')[1].split()[0]}", "",
+             f"Made by `{again}`, from each grid's summary.json (`python compare.py --name=GRID --summary`):", ""]
+    for grid, s in summaries.items():
+        b = next(r for r in s["rows"] if r["model"] == base)
+        lines.append(f"- {grid} ({' '.join(differs[grid]) or 'the same flags'}): `{base}` "
+                     f"{b['val_mean']:.4f} ± {b['val_std']:.4f} (n={len(b['seeds'])})")
+    lines += ["", "| model | " + " | ".join(f"{g}: Δ vs {base} | p (Welch / paired) | compute ×" for g in grids) + " |",
+              "|---|" + "---:|---:|---:|" * len(grids)]
+    for spec in models:
+        cells = []
+        for s in summaries.values():
+            r = next((r for r in s["rows"] if r["model"] == spec), None)
+            if r is None:
+                cells += ["", "", ""]
+                continue
+            mult = "-" if r["compute_multiplier"] is None else fmt_multiplier(r["compute_multiplier"])
+            low, high = r.get("compute_multiplier_ci95") or (float("nan"),) * 2
+            if low == low:
+                mult += f" ({fmt_multiplier(low)}–{fmt_multiplier(high)})"
+            cells += [f"{r['delta']:+.4f} (n={len(r['seeds'])})", f"{fmt_p(r['welch_p'])} / {fmt_p(r['paired_p'])}", mult]
+        lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
+    lines += ["", "Δ: the model's mean final val loss − the baseline's in the same grid (nats/token; < 0 is better); "
+              "p: Welch's and the paired t-test (same seed = same batches); compute ×: as in each grid's table, "
+              "with its 95% bootstrap interval."]
+    return "\n".join(lines) + "\n"
+
+
+def across_plot(summaries, models, path):
+    """Per model, its Δ vs the baseline in each grid (Welch's 95% CI, each seed's paired Δ as a dot)
+    and its compute multiplier (95% bootstrap interval), the grids along x."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    grids = list(summaries)
+    base = next(iter(summaries.values()))["baseline"]
+    differs = grid_differences(summaries)
+    fig, (ax_delta, ax_mult) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=130)
+    width = 0.5 / max(len(models), 1)
+    for i, spec in enumerate(models):
+        color = COLORS[(i + 1) % len(COLORS)]  # COLORS[0] is the baseline's in the grids' plots
+        offset = (i - (len(models) - 1) / 2) * width
+        for ax, key in ((ax_delta, "delta"), (ax_mult, "compute_multiplier")):
+            xs, ys, lows, highs = [], [], [], []
+            for g, s in enumerate(summaries.values()):
+                r = next((r for r in s["rows"] if r["model"] == spec), None)
+                if r is None or r[key] is None:
+                    continue
+                interval = r["delta_ci95"] if key == "delta" else (r.get("compute_multiplier_ci95") or (float("nan"),) * 2)
+                xs.append(g + offset)
+                ys.append(r[key])
+                lows.append(r[key] - interval[0] if interval[0] == interval[0] else 0)
+                highs.append(interval[1] - r[key] if interval[1] == interval[1] else 0)
+                if key == "delta":
+                    ax.scatter([g + offset] * len(r["paired_deltas"]), r["paired_deltas"], s=9, color=color, alpha=0.45, lw=0)
+            ax.errorbar(xs, ys, yerr=[lows, highs], color=color, marker="o", ms=5, capsize=3, lw=1.6,
+                        label=spec if key == "delta" else None)
+    labels = [f"{g}\n{' '.join(differs[g])}" for g in grids]
+    ax_delta.axhline(0, color="black", lw=1)
+    ax_delta.set_ylabel(f"final val loss − {base}'s (nats/token; < 0 is better)")
+    ax_delta.set_title("Δ vs the baseline: mean, Welch's 95% CI;\ndots: each seed − the baseline's same seed", fontsize=9)
+    ax_mult.axhline(1, color="black", lw=1)
+    ax_mult.set_ylabel(f"compute multiplier (× {base}'s training FLOPs)")
+    ax_mult.set_title("the baseline's compute the gain is worth\n(95% bootstrap interval over seeds)", fontsize=9)
+    for ax in (ax_delta, ax_mult):
+        ax.set_xticks(range(len(grids)), labels)
+        ax.set_xlim(-0.5, len(grids) - 0.5)
+        ax.grid(axis="y", alpha=0.3)
+    ax_delta.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def across(root, name, grids, models=None):
+    """results/NAME/table.md and delta_across.png: the models of every grid (or those given), side by side."""
+    summaries = load_grids(root, grids)
+    base = next(iter(summaries.values()))["baseline"]
+    in_all = [r["model"] for r in summaries[grids[0]]["rows"]
+              if r["model"] != base and all(any(q["model"] == r["model"] for q in s["rows"]) for s in summaries.values())]
+    models = [m for m in models if m != base] if models else in_all
+    if not models:
+        sys.exit(f"error: no model besides {base} is in every grid ({', '.join(grids)}); name some with --models")
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    again = f"python compare.py --name={name} --across={','.join(grids)}" + (
+        f" --models={','.join(models)}" if models != in_all else "")
+    table = across_markdown(summaries, models, again)
+    (out / "table.md").write_text(table)
+    across_plot(summaries, models, out / "delta_across.png")
+    return table
+
+
+# -----------------------------------------------------------------------------
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,  # --seed is not --seeds
@@ -762,6 +889,8 @@ def parse_args(argv):
     parser.add_argument("--speed", action="store_true",
                         help="time every model of the grid in one process (bench.py at the grid's shape) into "
                              "speed.json, then make the table again with those times")
+    parser.add_argument("--across", default="", help="comma-separated grids (with their summary.json): their "
+                                                     "models side by side in results/NAME/, no training")
     parser.add_argument("--markdown", action="store_true", help="print table.md when done")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time (e.g. 2 on a 2-core CPU); each gets cores/jobs CPU threads unless OMP_NUM_THREADS is set")
@@ -780,12 +909,21 @@ def parse_args(argv):
         parser.error("--lengths must be > 0")
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
+    args.across = [g for g in args.across.split(",") if g]
+    if args.across and (train_flags or args.summary or args.speed):
+        parser.error("--across reads the grids' summaries: no train.py flags, --summary or --speed with it")
+    if args.across and args.name in args.across:
+        parser.error(f"--name={args.name} is one of the grids in --across: give the comparison a name of its own")
     return args, train_flags
 
 
 def main(argv=None):
     args, train_flags = parse_args(sys.argv[1:] if argv is None else argv)
     results = Path(args.results) / args.name
+    if args.across:
+        table = across(Path(args.results), args.name, args.across, args.models.split(",") if args.models else None)
+        print(table if args.markdown else f"wrote {results}/table.md and delta_across.png")
+        return
     if args.summary or args.speed:
         if not (results / "compare.json").exists():
             sys.exit(f"error: {results}/compare.json not found: run the grid first (without --summary or --speed)")

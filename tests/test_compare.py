@@ -171,6 +171,43 @@ def test_steps_and_time_to_the_baselines_loss(tmp_path):
     assert compare.summarize(runs, ["gpt", "x"], speed)["ms_per_step_from"] == "the training logs"
 
 
+def write_grid(folder, train_flags, finals):
+    """A grid of finished runs, {model: [final per seed]} (the first model the baseline), and its summary."""
+    for model, values in finals.items():
+        for seed, final in enumerate(values, start=1):
+            write_run(folder / "runs" / f"{model}-s{seed}", model, seed, [9.0, final])
+    (folder / "compare.json").write_text(json.dumps({"commands": ["python compare.py"], "models": list(finals),
+                                                     "seeds": [1, 2, 3], "lengths": [], "train_flags": train_flags}))
+    compare.report(folder)
+
+
+def test_across_puts_the_grids_models_side_by_side(tmp_path, capsys):
+    write_grid(tmp_path / "g8", ["--n_layer=8", "--data_dir=a"], {"gpt": [2.0, 2.1, 2.2], "m": [1.9, 2.0, 2.05],
+                                                                   "only8": [2.0, 2.1, 2.2]})
+    write_grid(tmp_path / "g16", ["--n_layer=16", "--data_dir=b"], {"gpt": [1.8, 1.9, 2.0], "m": [1.6, 1.7, 1.75]})
+    compare.main([f"--results={tmp_path}", "--name=depth", "--across=g8,g16"])
+    table = (tmp_path / "depth" / "table.md").read_text()
+    assert "`python compare.py --name=depth --across=g8,g16`" in table
+    assert "- g8 (--n_layer=8): `gpt` 2.1000 ± 0.1000 (n=3)" in table  # what differs; paths are no difference
+    row = next(line for line in table.splitlines() if line.startswith("| `m` |"))
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert cells[0] == "-0.1167 (n=3)" and cells[3] == "-0.2167 (n=3)"  # Δ in each grid, vs its own gpt
+    assert "only8" not in table  # by default the models in every grid
+    assert (tmp_path / "depth" / "delta_across.png").stat().st_size > 0
+    compare.main([f"--results={tmp_path}", "--name=depth", "--across=g8,g16", "--models=m,only8"])
+    row = next(line for line in (tmp_path / "depth" / "table.md").read_text().splitlines() if "`only8`" in line)
+    assert [c.strip() for c in row.split("|")[2:-1]][3:] == ["", "", ""]  # not in g16: blank there
+    for argv, message in ((["--across=g8,nope"], "nope/summary.json not found"),
+                          (["--across=g8,g16", "--n_layer=4"], "no train.py flags"),
+                          (["--across=depth,g8"], "a name of its own")):
+        with pytest.raises(SystemExit) as exit_:
+            compare.main([f"--results={tmp_path}", "--name=depth", *argv])
+        assert message in str(exit_.value) + capsys.readouterr().err  # sys.exit's message, or argparse's
+    write_grid(tmp_path / "other", ["--n_layer=4"], {"resformer": [1.0, 1.1, 1.2], "m": [1.0, 1.05, 1.1]})
+    with pytest.raises(SystemExit, match="different baselines"):
+        compare.main([f"--results={tmp_path}", "--name=depth", "--across=g8,other"])
+
+
 def test_speed_times_the_grids_models_at_its_shape():
     flags = ["--n_layer=8", "--block_size=64", "--value_residual=learnable"]
     mapping, shape, c = compare.speed_specs(flags[:2], ["gpt:learning_rate=1e-3", "gpt:learning_rate=2e-3",
