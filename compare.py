@@ -543,17 +543,22 @@ def fmt_multiplier(x):
     return f"{x:.2f}" if x != float("inf") else "∞"
 
 
+def multiplier_cell(row, interval=True):
+    """'1.08 (1.05–1.12)': the compute multiplier, ~ where extrapolated, with its bootstrap interval."""
+    if row["compute_multiplier"] is None:
+        return "-"
+    cell = ("~" if row.get("multiplier_extrapolated") else "") + fmt_multiplier(row["compute_multiplier"])
+    low, high = row.get("compute_multiplier_ci95") or (float("nan"),) * 2
+    return cell + (f" ({fmt_multiplier(low)}–{fmt_multiplier(high)})" if interval and low == low else "")
+
+
 def table_markdown(summary, info):
     lines = [f"| model | params | train PFLOPs | val loss (nats/token) | bits/byte | Δ vs {summary['baseline']} "
              f"| p (Welch) | p (paired) | compute × | steps to {summary['baseline']}'s loss | time to it | ms/step |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
         bpb = "-" if r["bpb_mean"] is None else f"{r['bpb_mean']:.4f}"
-        mult = "-" if r["compute_multiplier"] is None else (
-            ("~" if r.get("multiplier_extrapolated") else "") + fmt_multiplier(r["compute_multiplier"]))
-        low, high = r.get("compute_multiplier_ci95") or (float("nan"),) * 2
-        if low == low and r["model"] != summary["baseline"]:
-            mult += f" ({fmt_multiplier(low)}–{fmt_multiplier(high)})"
+        mult = multiplier_cell(r, interval=r["model"] != summary["baseline"])
         steps, reach = (("never",) * 2 if r["time_to_gpt_loss"] is None else
                         (f"{r['steps_to_gpt_loss']:.2f}", f"{r['time_to_gpt_loss']:.2f}"))
         delta = "" if r["model"] == summary["baseline"] else f"{r['delta']:+.4f}"
@@ -798,11 +803,8 @@ def across_markdown(summaries, models, again):
             if r is None:
                 cells += ["", "", ""]
                 continue
-            mult = "-" if r["compute_multiplier"] is None else fmt_multiplier(r["compute_multiplier"])
-            low, high = r.get("compute_multiplier_ci95") or (float("nan"),) * 2
-            if low == low:
-                mult += f" ({fmt_multiplier(low)}–{fmt_multiplier(high)})"
-            cells += [f"{r['delta']:+.4f} (n={len(r['seeds'])})", f"{fmt_p(r['welch_p'])} / {fmt_p(r['paired_p'])}", mult]
+            cells += [f"{r['delta']:+.4f} (n={len(r['seeds'])})", f"{fmt_p(r['welch_p'])} / {fmt_p(r['paired_p'])}",
+                      multiplier_cell(r)]
         lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
     lines += ["", "Δ: the model's mean final val loss − the baseline's in the same grid (nats/token; < 0 is better); "
               "p: Welch's and the paired t-test (same seed = same batches); compute ×: as in each grid's table, "
