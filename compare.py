@@ -766,9 +766,14 @@ def load_grids(root, grids):
     summaries = {}
     for grid in grids:
         path = root / grid / "summary.json"
+        again = f"make it with python compare.py --name={grid} --summary"
         if not path.exists():
-            sys.exit(f"error: {path} not found: make it with python compare.py --name={grid} --summary")
-        summaries[grid] = json.loads(path.read_text())
+            sys.exit(f"error: {path} not found: {again}")
+        try:
+            summaries[grid] = json.loads(path.read_text())
+            summaries[grid]["compare"]["train_flags"]
+        except (ValueError, KeyError, TypeError):
+            sys.exit(f"error: {path} is unreadable or older than --across: {again} again")
     baselines = {s["baseline"] for s in summaries.values()}
     if len(baselines) > 1:
         sys.exit(f"error: the grids have different baselines ({', '.join(sorted(baselines))}): their Δs do not compare")
@@ -778,7 +783,7 @@ def load_grids(root, grids):
 def grid_differences(summaries):
     """{grid: the train.py flags it does not share with every other grid}: what the grids vary."""
     flags = {grid: [f for f in s["compare"]["train_flags"] if not f.startswith(("--data_dir=", "--out_dir="))]
-             for grid, s in summaries.items()}  # (where the files were is no difference)
+             for grid, s in summaries.items()}  # where the files were is no difference (the data is --dataset)
     shared = set.intersection(*(set(f) for f in flags.values()))
     return {grid: [f for f in f_list if f not in shared] for grid, f_list in flags.items()}
 
@@ -792,7 +797,7 @@ def across_markdown(summaries, models, again):
              f"Made by `{again}`, from each grid's summary.json (`python compare.py --name=GRID --summary`):", ""]
     for grid, s in summaries.items():
         b = next(r for r in s["rows"] if r["model"] == base)
-        lines.append(f"- {grid} ({' '.join(differs[grid]) or 'the same flags'}): `{base}` "
+        lines.append(f"- {grid} ({' '.join(differs[grid]) or 'no flag of its own'}): `{base}` "
                      f"{b['val_mean']:.4f} ± {b['val_std']:.4f} (n={len(b['seeds'])})")
     lines += ["", "| model | " + " | ".join(f"{g}: Δ vs {base} | p (Welch / paired) | compute ×" for g in grids) + " |",
               "|---|" + "---:|---:|---:|" * len(grids)]
@@ -830,13 +835,13 @@ def across_plot(summaries, models, path):
             xs, ys, lows, highs = [], [], [], []
             for g, s in enumerate(summaries.values()):
                 r = next((r for r in s["rows"] if r["model"] == spec), None)
-                if r is None or r[key] is None:
+                if r is None or r[key] is None or not math.isfinite(r[key]):  # ∞ (table.md): not drawn
                     continue
                 interval = r["delta_ci95"] if key == "delta" else (r.get("compute_multiplier_ci95") or (float("nan"),) * 2)
                 xs.append(g + offset)
                 ys.append(r[key])
-                lows.append(r[key] - interval[0] if interval[0] == interval[0] else 0)
-                highs.append(interval[1] - r[key] if interval[1] == interval[1] else 0)
+                lows.append(r[key] - interval[0] if math.isfinite(interval[0]) else 0)  # nan: no bar
+                highs.append(interval[1] - r[key] if math.isfinite(interval[1]) else 0)  # (∞: in table.md)
                 if key == "delta":
                     ax.scatter([g + offset] * len(r["paired_deltas"]), r["paired_deltas"], s=9, color=color, alpha=0.45, lw=0)
             ax.errorbar(xs, ys, yerr=[lows, highs], color=color, marker="o", ms=5, capsize=3, lw=1.6,
@@ -847,7 +852,8 @@ def across_plot(summaries, models, path):
     ax_delta.set_title("Δ vs the baseline: mean, Welch's 95% CI;\ndots: each seed − the baseline's same seed", fontsize=9)
     ax_mult.axhline(1, color="black", lw=1)
     ax_mult.set_ylabel(f"compute multiplier (× {base}'s training FLOPs)")
-    ax_mult.set_title("the baseline's compute the gain is worth\n(95% bootstrap interval over seeds)", fontsize=9)
+    ax_mult.set_title("the baseline's compute the gain is worth\n(95% bootstrap interval over seeds; ∞ in table.md only)",
+                      fontsize=9)
     for ax in (ax_delta, ax_mult):
         ax.set_xticks(range(len(grids)), labels)
         ax.set_xlim(-0.5, len(grids) - 0.5)
@@ -864,9 +870,17 @@ def across(root, name, grids, models=None):
     base = next(iter(summaries.values()))["baseline"]
     in_all = [r["model"] for r in summaries[grids[0]]["rows"]
               if r["model"] != base and all(any(q["model"] == r["model"] for q in s["rows"]) for s in summaries.values())]
-    models = [m for m in models if m != base] if models else in_all
+    named = bool(models)
+    if named:
+        unknown = [m for m in models if not any(r["model"] == m for s in summaries.values() for r in s["rows"])]
+        if unknown:
+            sys.exit(f"error: --models: {', '.join(unknown)} in none of the grids ({', '.join(grids)}); check the spelling")
+        models = [m for m in models if m != base]
+    else:
+        models = in_all
     if not models:
-        sys.exit(f"error: no model besides {base} is in every grid ({', '.join(grids)}); name some with --models")
+        sys.exit(f"error: no model besides the baseline {base} to compare" + ("" if named else
+                 f" in every grid ({', '.join(grids)}); name some with --models"))
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
     again = f"python compare.py --name={name} --across={','.join(grids)}" + (
@@ -912,10 +926,14 @@ def parse_args(argv):
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
     args.across = [g for g in args.across.split(",") if g]
-    if args.across and (train_flags or args.summary or args.speed):
-        parser.error("--across reads the grids' summaries: no train.py flags, --summary or --speed with it")
-    if args.across and args.name in args.across:
-        parser.error(f"--name={args.name} is one of the grids in --across: give the comparison a name of its own")
+    given = {a.split("=")[0] for a in argv}
+    if args.across and (train_flags or args.summary or args.speed or given & {"--seeds", "--lengths", "--jobs"}):
+        parser.error("--across reads the grids' summaries: no train.py flags, --seeds, --lengths, --jobs, --summary "
+                     "or --speed with it")
+    if args.across and (len(set(args.across)) < 2 or len(set(args.across)) < len(args.across)):
+        parser.error(f"--across={','.join(args.across)}: name two or more different grids")
+    if args.across and (args.name in args.across or (Path(args.results) / args.name / "compare.json").exists()):
+        parser.error(f"--name={args.name} is a grid: give the comparison a name of its own")
     return args, train_flags
 
 

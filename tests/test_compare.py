@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -171,11 +172,16 @@ def test_steps_and_time_to_the_baselines_loss(tmp_path):
     assert compare.summarize(runs, ["gpt", "x"], speed)["ms_per_step_from"] == "the training logs"
 
 
-def write_grid(folder, train_flags, finals):
-    """A grid of finished runs, {model: [final per seed]} (the first model the baseline), and its summary."""
+def write_grid(folder, train_flags, finals, lengths=()):
+    """A grid of finished runs, {model: [final per seed]} (the first model the baseline; its runs at
+    other lengths {length: [finals]}), and its summary."""
     for model, values in finals.items():
         for seed, final in enumerate(values, start=1):
             write_run(folder / "runs" / f"{model}-s{seed}", model, seed, [9.0, final])
+    for length, values in dict(lengths).items():
+        for seed, final in enumerate(values, start=1):
+            write_run(folder / "runs" / f"gpt-x{length:g}-s{seed}", "gpt", seed, [9.0, final], length=length,
+                      max_iters=round(100 * length))
     (folder / "compare.json").write_text(json.dumps({"commands": ["python compare.py"], "models": list(finals),
                                                      "seeds": [1, 2, 3], "lengths": [], "train_flags": train_flags}))
     compare.report(folder)
@@ -184,14 +190,22 @@ def write_grid(folder, train_flags, finals):
 def test_across_puts_the_grids_models_side_by_side(tmp_path, capsys):
     write_grid(tmp_path / "g8", ["--n_layer=8", "--data_dir=a"], {"gpt": [2.0, 2.1, 2.2], "m": [1.9, 2.0, 2.05],
                                                                    "only8": [2.0, 2.1, 2.2]})
-    write_grid(tmp_path / "g16", ["--n_layer=16", "--data_dir=b"], {"gpt": [1.8, 1.9, 2.0], "m": [1.6, 1.7, 1.75]})
+    # g16: gpt on L(C) = 2 (C/1e11)^-0.3 + 1 at three lengths (1e9 FLOPs a step), m at its loss of 1.5x the compute
+    law = lambda steps: 2 * (steps * 1e9 / 1e11) ** -0.3 + 1  # noqa: E731
+    spread = (-1e-3, 0.0, 1e-3)
+    write_grid(tmp_path / "g16", ["--n_layer=16", "--data_dir=b"],
+               {"gpt": [law(100) + e for e in spread], "m": [law(150) + e for e in reversed(spread)]},
+               lengths={0.5: [law(50) + e for e in spread], 2: [law(200) + e for e in spread]})
     compare.main([f"--results={tmp_path}", "--name=depth", "--across=g8,g16"])
     table = (tmp_path / "depth" / "table.md").read_text()
     assert "`python compare.py --name=depth --across=g8,g16`" in table
     assert "- g8 (--n_layer=8): `gpt` 2.1000 ± 0.1000 (n=3)" in table  # what differs; paths are no difference
     row = next(line for line in table.splitlines() if line.startswith("| `m` |"))
     cells = [c.strip() for c in row.split("|")[2:-1]]
-    assert cells[0] == "-0.1167 (n=3)" and cells[3] == "-0.2167 (n=3)"  # Δ in each grid, vs its own gpt
+    assert cells[0] == "-0.1167 (n=3)" and cells[3] == f"{law(150) - law(100):+.4f} (n=3)"  # Δ vs its own gpt
+    g8 = compare.load_grids(tmp_path, ["g8"])["g8"]["rows"][1]
+    assert cells[1] == f"{compare.fmt_p(g8['welch_p'])} / {compare.fmt_p(g8['paired_p'])}" and cells[2] == "-"  # no fit
+    assert re.fullmatch(r"1\.50 \(1\.\d\d–1\.\d\d\)", cells[5])  # the multiplier, its interval
     assert "only8" not in table  # by default the models in every grid
     assert (tmp_path / "depth" / "delta_across.png").stat().st_size > 0
     compare.main([f"--results={tmp_path}", "--name=depth", "--across=g8,g16", "--models=m,only8"])
@@ -199,13 +213,36 @@ def test_across_puts_the_grids_models_side_by_side(tmp_path, capsys):
     assert [c.strip() for c in row.split("|")[2:-1]][3:] == ["", "", ""]  # not in g16: blank there
     for argv, message in ((["--across=g8,nope"], "nope/summary.json not found"),
                           (["--across=g8,g16", "--n_layer=4"], "no train.py flags"),
-                          (["--across=depth,g8"], "a name of its own")):
+                          (["--across=g8,g16", "--seeds=1"], "no train.py flags"),
+                          (["--across=depth,g8"], "a name of its own"),
+                          (["--across=g8,g8"], "two or more different grids"),
+                          (["--across=g8,g16", "--models=mm"], "mm in none of the grids")):
         with pytest.raises(SystemExit) as exit_:
             compare.main([f"--results={tmp_path}", "--name=depth", *argv])
         assert message in str(exit_.value) + capsys.readouterr().err  # sys.exit's message, or argparse's
+    with pytest.raises(SystemExit) as exit_:  # a grid's results are never overwritten by a comparison
+        compare.main([f"--results={tmp_path}", "--name=g16", "--across=g8,depth"])
+    assert "a name of its own" in capsys.readouterr().err and (tmp_path / "g16" / "compare.json").exists()
     write_grid(tmp_path / "other", ["--n_layer=4"], {"resformer": [1.0, 1.1, 1.2], "m": [1.0, 1.05, 1.1]})
     with pytest.raises(SystemExit, match="different baselines"):
         compare.main([f"--results={tmp_path}", "--name=depth", "--across=g8,other"])
+    (tmp_path / "other" / "summary.json").write_text("{")
+    with pytest.raises(SystemExit, match="unreadable or older"):
+        compare.main([f"--results={tmp_path}", "--name=depth", "--across=g8,other"])
+
+
+def test_across_draws_what_it_can_of_an_infinite_multiplier(tmp_path):
+    """A model below the fitted law's asymptote needs infinite baseline compute: ∞ in the table,
+    left out of the plot (which still draws)."""
+    law = lambda steps: 2 * (steps * 1e9 / 1e11) ** -0.3 + 1  # noqa: E731
+    spread = (-1e-3, 0.0, 1e-3)
+    for grid in ("a", "b"):
+        write_grid(tmp_path / grid, [f"--n_layer={len(grid)}"],
+                   {"gpt": [law(100) + e for e in spread], "m": [0.5 + e for e in reversed(spread)]},
+                   lengths={0.5: [law(50) + e for e in spread], 2: [law(200) + e for e in spread]})
+    compare.main([f"--results={tmp_path}", "--name=both", "--across=a,b"])
+    assert "| ~∞ (∞–∞) |" in (tmp_path / "both" / "table.md").read_text()
+    assert (tmp_path / "both" / "delta_across.png").stat().st_size > 0
 
 
 def test_speed_times_the_grids_models_at_its_shape():
