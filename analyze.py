@@ -489,11 +489,23 @@ def signed_range(data):
     return max(1.0, float(np.nanmax(np.abs(np.array(data, dtype=float)))))
 
 
+def model_label(result):
+    """"resformer learnable_plus": the model and its λ mode if any."""
+    mode = result.get("resformer", {}).get("mode", "identity")
+    return result["model"] + ("" if mode == "identity" else f" {mode}")
+
+
 def run_label(result):
     """"resformer learnable_plus (out-plus)": the model, its λ mode if any, and the run's folder."""
-    mode = result.get("resformer", {}).get("mode", "identity")
-    model = result["model"] + ("" if mode == "identity" else f" {mode}")
-    return f"{model} ({os.path.basename(os.path.normpath(result['out_dir']))})"
+    return f"{model_label(result)} ({os.path.basename(os.path.normpath(result['out_dir']))})"
+
+
+def short_labels(results):
+    """Each run's model label, with its folder only where two runs share a model label."""
+    counts = defaultdict(int)
+    for r in results:
+        counts[model_label(r)] += 1
+    return [model_label(r) if counts[model_label(r)] == 1 else run_label(r) for r in results]
 
 
 def plot_overview(result, path):
@@ -648,11 +660,12 @@ def plot_compare(results, path):
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     seen = defaultdict(int)
-    for r in results:
+    labels = short_labels(results)
+    for r, label in zip(results, labels):
         color = MODEL_COLORS.get(r["model"], "black")
         style = LINE_STYLES[seen[r["model"]] % len(LINE_STYLES)]
         seen[r["model"]] += 1
-        label, a = run_label(r), r["attention"]
+        label, a = f"{label}: val loss {r['val_loss']:.4f}", r["attention"]
         layers = range(1, len(a["entropy"]) + 1)
         kw = dict(color=color, linestyle=style, marker="o", label=label)
         axes[0, 0].plot(layers, [float(np.mean(e)) for e in a["entropy"]], **kw)
@@ -666,12 +679,11 @@ def plot_compare(results, path):
     axes[0, 2].set(title="attention on the first token (sink)\n(mean over queries and heads)", ylim=(0, None))
     axes[1, 0].set(title="value-state norm ‖v‖", ylabel="mean ‖v‖ per head")
     axes[1, 1].set(title="residual-stream norm ‖h‖ (0 = embedding,\nl = input of block l+1, last = final)",
-                   xlabel="state", ylabel="‖h‖")
+                   xlabel="state", ylabel="‖h‖ (log scale)", yscale="log")  # one model's may grow 100x
     for ax in axes.flat[:4]:
         ax.set_xlabel("layer")
     for ax in axes.flat[:5]:
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    labels = [run_label(r) for r in results]
     kv = [r["kv_cache"]["bytes_per_token"] for r in results]
     ax = axes[1, 2]
     bars = ax.barh(range(len(results)), kv, color=[MODEL_COLORS.get(r["model"], "black") for r in results])
@@ -680,10 +692,11 @@ def plot_compare(results, path):
     ax.set_yticks(range(len(results)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set(title=f"KV cache per token ({results[0]['kv_cache']['context']} tokens of context)", xlabel="bytes")
-    axes[0, 0].legend(fontsize=8)
-    losses = ", ".join(f"{run_label(r)} {r['val_loss']:.4f}" for r in results)
-    fig.suptitle(f"val loss: {losses}", fontsize=11)
-    fig.tight_layout()
+    rows = -(-len(results) // 3)  # the legend under the panels, three runs a row
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=min(3, len(results)), fontsize=9,
+               frameon=False)
+    fig.suptitle(f"inside the models, on the same {results[0]['tokens']:,} val tokens", fontsize=11)
+    fig.tight_layout(rect=(0, 0.035 * rows + 0.01, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
