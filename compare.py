@@ -543,12 +543,17 @@ def fmt_multiplier(x):
     return f"{x:.2f}" if x != float("inf") else "∞"
 
 
+def multiplier_ci95(row):
+    """(low, high) of the compute multiplier's bootstrap interval; (nan, nan) where there is none."""
+    return row.get("compute_multiplier_ci95") or (float("nan"),) * 2
+
+
 def multiplier_cell(row, interval=True):
     """'1.08 (1.05–1.12)': the compute multiplier, ~ where extrapolated, with its bootstrap interval."""
     if row["compute_multiplier"] is None:
         return "-"
     cell = ("~" if row.get("multiplier_extrapolated") else "") + fmt_multiplier(row["compute_multiplier"])
-    low, high = row.get("compute_multiplier_ci95") or (float("nan"),) * 2
+    low, high = multiplier_ci95(row)
     return cell + (f" ({fmt_multiplier(low)}–{fmt_multiplier(high)})" if interval and low == low else "")
 
 
@@ -780,6 +785,11 @@ def load_grids(root, grids):
     return summaries
 
 
+def model_row(summary, spec):
+    """The row of one model in a grid's summary.json; None if the grid did not train it."""
+    return next((r for r in summary["rows"] if r["model"] == spec), None)
+
+
 def grid_differences(summaries):
     """{grid: the train.py flags it does not share with every other grid}: what the grids vary."""
     flags = {grid: [f for f in s["compare"]["train_flags"] if not f.startswith(("--data_dir=", "--out_dir="))]
@@ -788,15 +798,13 @@ def grid_differences(summaries):
     return {grid: [f for f in f_list if f not in shared] for grid, f_list in flags.items()}
 
 
-def across_markdown(summaries, models, again):
+def across_markdown(name, again, summaries, base, differs, models):
     """One row per model: in each grid its Δ vs the baseline (n), p (Welch / paired), compute ×."""
     grids = list(summaries)
-    base = next(iter(summaries.values()))["baseline"]
-    differs = grid_differences(summaries)
-    lines = [f"# {again.split('--name=')[1].split()[0]}", "",
+    lines = [f"# {name}", "",
              f"Made by `{again}`, from each grid's summary.json (`python compare.py --name=GRID --summary`):", ""]
     for grid, s in summaries.items():
-        b = next(r for r in s["rows"] if r["model"] == base)
+        b = model_row(s, base)
         lines.append(f"- {grid} ({' '.join(differs[grid]) or 'no flag of its own'}): `{base}` "
                      f"{b['val_mean']:.4f} ± {b['val_std']:.4f} (n={len(b['seeds'])})")
     lines += ["", "| model | " + " | ".join(f"{g}: Δ vs {base} | p (Welch / paired) | compute ×" for g in grids) + " |",
@@ -804,7 +812,7 @@ def across_markdown(summaries, models, again):
     for spec in models:
         cells = []
         for s in summaries.values():
-            r = next((r for r in s["rows"] if r["model"] == spec), None)
+            r = model_row(s, spec)
             if r is None:
                 cells += ["", "", ""]
                 continue
@@ -817,15 +825,13 @@ def across_markdown(summaries, models, again):
     return "\n".join(lines) + "\n"
 
 
-def across_plot(summaries, models, path):
+def across_plot(summaries, base, differs, models, path):
     """Per model, its Δ vs the baseline in each grid (Welch's 95% CI, each seed's paired Δ as a dot)
     and its compute multiplier (95% bootstrap interval), the grids along x."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     grids = list(summaries)
-    base = next(iter(summaries.values()))["baseline"]
-    differs = grid_differences(summaries)
     fig, (ax_delta, ax_mult) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=130)
     width = 0.5 / max(len(models), 1)
     for i, spec in enumerate(models):
@@ -834,10 +840,10 @@ def across_plot(summaries, models, path):
         for ax, key in ((ax_delta, "delta"), (ax_mult, "compute_multiplier")):
             xs, ys, lows, highs = [], [], [], []
             for g, s in enumerate(summaries.values()):
-                r = next((r for r in s["rows"] if r["model"] == spec), None)
+                r = model_row(s, spec)
                 if r is None or r[key] is None or not math.isfinite(r[key]):  # ∞ (table.md): not drawn
                     continue
-                interval = r["delta_ci95"] if key == "delta" else (r.get("compute_multiplier_ci95") or (float("nan"),) * 2)
+                interval = r["delta_ci95"] if key == "delta" else multiplier_ci95(r)
                 xs.append(g + offset)
                 ys.append(r[key])
                 lows.append(r[key] - interval[0] if math.isfinite(interval[0]) else 0)  # nan: no bar
@@ -869,10 +875,10 @@ def across(root, name, grids, models=None):
     summaries = load_grids(root, grids)
     base = next(iter(summaries.values()))["baseline"]
     in_all = [r["model"] for r in summaries[grids[0]]["rows"]
-              if r["model"] != base and all(any(q["model"] == r["model"] for q in s["rows"]) for s in summaries.values())]
+              if r["model"] != base and all(model_row(s, r["model"]) for s in summaries.values())]
     named = bool(models)
     if named:
-        unknown = [m for m in models if not any(r["model"] == m for s in summaries.values() for r in s["rows"])]
+        unknown = [m for m in models if not any(model_row(s, m) for s in summaries.values())]
         if unknown:
             sys.exit(f"error: --models: {', '.join(unknown)} in none of the grids ({', '.join(grids)}); check the spelling")
         models = [m for m in models if m != base]
@@ -885,9 +891,10 @@ def across(root, name, grids, models=None):
     out.mkdir(parents=True, exist_ok=True)
     again = f"python compare.py --name={name} --across={','.join(grids)}" + (
         f" --models={','.join(models)}" if models != in_all else "")
-    table = across_markdown(summaries, models, again)
+    differs = grid_differences(summaries)
+    table = across_markdown(name, again, summaries, base, differs, models)
     (out / "table.md").write_text(table)
-    across_plot(summaries, models, out / "delta_across.png")
+    across_plot(summaries, base, differs, models, out / "delta_across.png")
     return table
 
 
