@@ -113,8 +113,8 @@ def model_facts(argv):
             "max_iters": c.max_iters, "bytes_per_token": bytes_per_token, "dataset": folder, "tokenizer": meta["tokenizer"]}
 
 
-def environment():
-    """Where and with what a run ran: for run.json."""
+def environment(env=None):
+    """Where and with what a run ran (env: the environment it ran in, for its CPU threads): for run.json."""
     import torch
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -128,7 +128,9 @@ def environment():
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"hostname_cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    return {"hostname_cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels torch chose
+            "cpu_count": os.cpu_count(), "threads": int((env or os.environ).get("OMP_NUM_THREADS") or torch.get_num_threads()),
+            "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "git_commit": commit + ("+uncommitted changes" if dirty else "")}
 
@@ -215,7 +217,7 @@ def train_run(item, out_root, results, total, progress):
     keep.mkdir(parents=True, exist_ok=True)
     (keep / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     run_info = {"run": name, "model": spec, "seed": seed, "length": length,
-                "command": shown_command("train.py", argv), **facts, **environment(),
+                "command": shown_command("train.py", argv), **facts, **environment(progress["env"]),
                 "seconds_this_sitting": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     (keep / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
     print(f"    {name}: val {log[-1]['val']:.4f} after {log[-1]['step']} steps ({format_time(time.time() - t0)})", flush=True)
@@ -310,7 +312,7 @@ def measure_speed(results, models):
                              for spec, bench in mapping.items()},
              "params": {spec: rows[bench]["params"] for spec, bench in mapping.items()},
              "bench": list(rows.values()), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-             else device.type, "threads": torch.get_num_threads(), **environment(),
+             else device.type, **environment(),
              "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
     (results / "speed.json").write_text(json.dumps(speed, indent=1) + "\n")
     if set(models) != set(info["models"]):
@@ -342,6 +344,23 @@ def load_runs(results):
         run["ms_per_step"] = median([r["ms"] for r in log[1:]] or [log[0]["ms"]])  # the first interval compiles/warms up
         runs.append(run)
     return runs
+
+
+def machine(run):
+    """Where a run trained, as its run.json says: the GPU, or the CPU's name and the kernels torch chose
+    for it (rounding differs between them, and at some shapes the first steps amplify it past the seeds)."""
+    if run.get("cuda"):
+        return run["cuda"]
+    cpu = run.get("hostname_cpu") or "an unrecorded machine"
+    return cpu + (f" ({run['cpu_capability']})" if run.get("cpu_capability") else "")
+
+
+def machines(runs):
+    """{machine: the names of its runs}, the machine with the most runs first."""
+    by_machine = {}
+    for run in sorted(runs, key=lambda r: r["run"]):
+        by_machine.setdefault(machine(run), []).append(run["run"])
+    return dict(sorted(by_machine.items(), key=lambda item: -len(item[1])))
 
 
 def median(xs):
@@ -528,8 +547,9 @@ def summarize(runs, models, speed=None):
         rows.append(row)
     source = ({key: speed[key] for key in ("command", "device", "threads", "hostname_cpu", "torch", "measured")}
               if timed else "the training logs")
+    used = [r for rs in main.values() for r in rs] + [r for r in lengths if r["length"] != 1.0]
     return {"baseline": base, "fit": fit, "lengths": {str(k): v for k, v in sorted(by_length.items())},
-            "ms_per_step_from": source, "rows": rows}
+            "ms_per_step_from": source, "machines": machines(used), "rows": rows}
 
 
 # -----------------------------------------------------------------------------
@@ -584,7 +604,19 @@ def table_markdown(summary, info):
              "over the baseline's; time: those steps at the model's ms/step, over the baseline's. ", speed_note(summary)]
     if fit:
         notes.append(f"Fit: L(C) = {fit['a']:.4f}·(C/{fit['c0']:.3g})^-{fit['b']:.3f} + {fit['c']:.4f}.")
-    return "\n".join(lines) + "\n\n" + "".join(notes) + "\n"
+    return "\n".join(lines) + "\n\n" + "".join(notes) + "\n\n" + machines_note(summary) + "\n"
+
+
+def machines_note(summary):
+    """'Trained on: X (all 12 runs).', or, for a grid whose runs trained on several machines, which ran where
+    and a warning: the same run on another CPU can end further away than another seed."""
+    found = summary.get("machines") or {}
+    if len(found) <= 1:
+        return "".join(f"Trained on: {m} (all {len(names)} runs)." for m, names in found.items())
+    first, *others = found.items()
+    where = "; ".join([f"{first[0]}: {len(first[1])} runs"] + [f"{m}: {', '.join(names)}" for m, names in others])
+    return (f"**Trained on {len(found)} machines** ({where}). The same run on another CPU can end further from "
+            f"itself than another seed does: compare rows from one machine.")
 
 
 def speed_note(summary):
@@ -805,8 +837,11 @@ def across_markdown(name, again, summaries, base, differs, models):
              f"Made by `{again}`, from each grid's summary.json (`python compare.py --name=GRID --summary`):", ""]
     for grid, s in summaries.items():
         b = model_row(s, base)
+        found = list(s.get("machines") or {})
+        on = ("" if not found else f"; on {found[0]}" if len(found) == 1
+              else f"; **on {len(found)} machines** (see its table)")
         lines.append(f"- {grid} ({' '.join(differs[grid]) or 'no flag of its own'}): `{base}` "
-                     f"{b['val_mean']:.4f} ± {b['val_std']:.4f} (n={len(b['seeds'])})")
+                     f"{b['val_mean']:.4f} ± {b['val_std']:.4f} (n={len(b['seeds'])}){on}")
     lines += ["", "| model | " + " | ".join(f"{g}: Δ vs {base} | p (Welch / paired) | compute ×" for g in grids) + " |",
               "|---|" + "---:|---:|---:|" * len(grids)]
     for spec in models:

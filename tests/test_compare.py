@@ -172,6 +172,37 @@ def test_steps_and_time_to_the_baselines_loss(tmp_path):
     assert compare.summarize(runs, ["gpt", "x"], speed)["ms_per_step_from"] == "the training logs"
 
 
+def test_the_table_says_where_its_runs_trained(tmp_path, capsys):
+    """One machine: said once. Several (a grid continued on another VM): which run trained where, and a
+    warning, in the grid's table and in --across's line for it."""
+    for seed in (1, 2):
+        write_run(tmp_path / "g" / "runs" / f"gpt-s{seed}", "gpt", seed, [9.0, 2.0 + seed / 10])
+        write_run(tmp_path / "g" / "runs" / f"m-s{seed}", "m", seed, [9.0, 1.85 + seed * 0.12])
+    for name in ("gpt-s1", "gpt-s2", "m-s1", "m-s2"):
+        info = tmp_path / "g" / "runs" / name / "run.json"
+        info.write_text(json.dumps({**json.loads(info.read_text()), "hostname_cpu": "AMD EPYC", "cpu_capability": "AVX2",
+                                    "cuda": None}))
+    (tmp_path / "g" / "compare.json").write_text(json.dumps({"commands": ["python compare.py"], "models": ["gpt", "m"],
+                                                             "seeds": [1, 2], "lengths": [], "train_flags": []}))
+    table = compare.report(tmp_path / "g")
+    assert "Trained on: AMD EPYC (AVX2) (all 4 runs)." in table and "**Trained on" not in table
+    info = tmp_path / "g" / "runs" / "m-s2" / "run.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "hostname_cpu": "Intel Xeon", "cpu_capability": "AVX512"}))
+    table = compare.report(tmp_path / "g")
+    assert ("**Trained on 2 machines** (AMD EPYC (AVX2): 3 runs; Intel Xeon (AVX512): m-s2). "
+            "The same run on another CPU") in table
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert summary["machines"] == {"AMD EPYC (AVX2)": ["gpt-s1", "gpt-s2", "m-s1"], "Intel Xeon (AVX512)": ["m-s2"]}
+    write_grid(tmp_path / "h", ["--n_layer=4"], {"gpt": [2.0, 2.1], "m": [1.9, 2.05]})  # run.json without a machine
+    assert "Trained on: an unrecorded machine (all 4 runs)." in (tmp_path / "h" / "table.md").read_text()
+    compare.main([f"--results={tmp_path}", "--name=both", "--across=g,h"])
+    across = (tmp_path / "both" / "table.md").read_text()
+    assert "(n=2); **on 2 machines** (see its table)" in across and "(n=2); on an unrecorded machine" in across
+    # what compare.py records of a run's machine: the CPU, the kernels torch chose, the threads it ran with
+    env = compare.environment({"OMP_NUM_THREADS": "3"})
+    assert env["threads"] == 3 and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["hostname_cpu"]
+
+
 def write_grid(folder, train_flags, finals, lengths=()):
     """A grid of finished runs, {model: [final per seed]} (the first model the baseline; its runs at
     other lengths {length: [finals]}), and its summary."""
