@@ -373,21 +373,15 @@ def mean_std(xs):
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan"))
 
 
-def welch_p(a, b):
-    """Two-sided Welch t-test p-value of mean(a) != mean(b) (nan with fewer than 2 each)."""
+def welch(a, b, level=0.95):
+    """Welch's t-test of mean(a) - mean(b): (the two-sided p-value, (low, high) of its confidence
+    interval); nan with fewer than 2 each."""
     from scipy import stats
     if len(a) < 2 or len(b) < 2:
-        return float("nan")
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-
-
-def welch_interval(a, b, level=0.95):
-    """Welch's confidence interval of mean(a) - mean(b): (low, high), nan with fewer than 2 each."""
-    from scipy import stats
-    if len(a) < 2 or len(b) < 2:
-        return float("nan"), float("nan")
-    interval = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
-    return float(interval.low), float(interval.high)
+        return float("nan"), (float("nan"), float("nan"))
+    test = stats.ttest_ind(a, b, equal_var=False)
+    interval = test.confidence_interval(level)
+    return float(test.pvalue), (float(interval.low), float(interval.high))
 
 
 def paired_p(differences):
@@ -531,8 +525,7 @@ def summarize(runs, models, speed=None):
                "paired_deltas": None, "paired_p": None, "compute_multiplier": None, "compute_multiplier_ci95": None,
                "steps_to_gpt_loss": None, "time_to_gpt_loss": None, "ms_per_step": ms_per_step[spec]}
         if spec != base:
-            row["welch_p"] = welch_p(finals, list(base_final.values()))
-            row["delta_ci95"] = welch_interval(finals, list(base_final.values()))
+            row["welch_p"], row["delta_ci95"] = welch(finals, list(base_final.values()))
             row["paired_deltas"] = [r["final"] - base_final[r["seed"]] for r in rs if r["seed"] in base_final]
             row["paired_p"] = paired_p(row["paired_deltas"])
         if fit:

@@ -130,7 +130,7 @@ def write_run(folder, model, seed, finals, length=1.0, flops_per_token=1e6, toke
 
 def test_welch_p_value_of_a_known_case(tmp_path):
     # a = 1, 2, 3 and b = 4, 5, 6: t = -3 / sqrt(1/3 + 1/3) = -3.674 with 4 degrees of freedom, p = 0.0213
-    assert abs(compare.welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) - 0.0213) < 5e-4
+    assert abs(compare.welch([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])[0] - 0.0213) < 5e-4
     for seed, (g, m) in enumerate([(4.0, 1.0), (5.0, 2.2), (6.0, 2.8)], start=1):
         write_run(tmp_path / "runs" / f"gpt-s{seed}", "gpt", seed, [9.0, g])
         write_run(tmp_path / "runs" / f"x-s{seed}", "x", seed, [9.0, m])
@@ -331,10 +331,11 @@ def test_welch_interval_of_a_known_case():
     se = math.sqrt(0.84 / 3 + 1 / 3)
     dof = se ** 4 / ((0.84 / 3) ** 2 / 2 + (1 / 3) ** 2 / 2)
     half = stats.t.ppf(0.975, dof) * se
-    low, high = compare.welch_interval([1.0, 2.2, 2.8], [4.0, 5.0, 6.0])
+    p, (low, high) = compare.welch([1.0, 2.2, 2.8], [4.0, 5.0, 6.0])
     assert abs(low - (-3 - half)) < 1e-9 and abs(high - (-3 + half)) < 1e-9
     assert abs(half - 2.181) < 1e-3  # t(0.975, 3.97) = 2.785 times se = 0.783
-    assert all(x != x for x in compare.welch_interval([1.0], [4.0, 5.0]))  # one seed: no interval (nan)
+    assert 0 < p < 0.05 and high < 0  # the same test: p < 0.05, and its 95% interval excludes 0
+    assert all(x != x for x in compare.welch([1.0], [4.0, 5.0])[1])  # one seed: no interval (nan)
 
 
 def test_compute_multiplier_of_a_shifted_power_law(tmp_path):
