@@ -110,7 +110,8 @@ def model_facts(argv):
     bytes_per_token = 1.0 if meta["tokenizer"] == "byte" else meta.get("val_bytes", 0) / max(meta["val_tokens"], 1) or None
     return {"params": model.num_params(), "flops_per_token": model.flops_per_token(),
             "tokens_per_step": c.batch_size * c.gradient_accumulation_steps * block_size,
-            "max_iters": c.max_iters, "bytes_per_token": bytes_per_token, "dataset": folder, "tokenizer": meta["tokenizer"]}
+            "max_iters": c.max_iters, "bytes_per_token": bytes_per_token, "dataset": folder, "tokenizer": meta["tokenizer"],
+            "train_tokens": meta.get("train_tokens"), "val_tokens": meta.get("val_tokens"), "val_split": meta["val_split"]}
 
 
 def environment(env=None):
@@ -355,12 +356,30 @@ def machine(run):
     return cpu + (f" ({run['cpu_capability']})" if run.get("cpu_capability") else "")
 
 
+def datasets(runs):
+    """{the data: the names of its runs}, for the runs whose run.json records it."""
+    by_data = {}
+    for run in sorted(runs, key=lambda r: r["run"]):
+        if data_of(run):
+            by_data.setdefault(data_of(run), []).append(run["run"])
+    return dict(sorted(by_data.items(), key=lambda item: -len(item[1])))
+
+
 def machines(runs):
     """{machine: the names of its runs}, the machine with the most runs first."""
     by_machine = {}
     for run in sorted(runs, key=lambda r: r["run"]):
         by_machine.setdefault(machine(run), []).append(run["run"])
     return dict(sorted(by_machine.items(), key=lambda item: -len(item[1])))
+
+
+def data_of(run):
+    """The data a run trained and was evaluated on, as its run.json says (None for runs from before
+    it said): another split is another fixed set of val windows, and moves the logged val loss."""
+    if run.get("val_tokens") is None:
+        return None
+    return (f"{Path(run['dataset']).name}: {run['train_tokens']:,} train + {run['val_tokens']:,} val tokens, "
+            f"val split by {run['val_split']}")
 
 
 def median(xs):
@@ -542,7 +561,7 @@ def summarize(runs, models, speed=None):
               if timed else "the training logs")
     used = [r for rs in main.values() for r in rs] + [r for r in lengths if r["length"] != 1.0]
     return {"baseline": base, "fit": fit, "lengths": {str(k): v for k, v in sorted(by_length.items())},
-            "ms_per_step_from": source, "machines": machines(used), "rows": rows}
+            "ms_per_step_from": source, "machines": machines(used), "datasets": datasets(used), "rows": rows}
 
 
 # -----------------------------------------------------------------------------
@@ -597,7 +616,7 @@ def table_markdown(summary, info):
              "over the baseline's; time: those steps at the model's ms/step, over the baseline's. ", speed_note(summary)]
     if fit:
         notes.append(f"Fit: L(C) = {fit['a']:.4f}·(C/{fit['c0']:.3g})^-{fit['b']:.3f} + {fit['c']:.4f}.")
-    return "\n".join(lines) + "\n\n" + "".join(notes) + "\n\n" + machines_note(summary) + "\n"
+    return "\n".join(lines) + "\n\n" + "".join(notes) + "\n\n" + machines_note(summary) + data_note(summary) + "\n"
 
 
 def machines_note(summary):
@@ -606,10 +625,23 @@ def machines_note(summary):
     found = summary.get("machines") or {}
     if len(found) <= 1:
         return "".join(f"Trained on: {m} (all {len(names)} runs)." for m, names in found.items())
-    first, *others = found.items()
-    where = "; ".join([f"{first[0]}: {len(first[1])} runs"] + [f"{m}: {', '.join(names)}" for m, names in others])
-    return (f"**Trained on {len(found)} machines** ({where}). The same run on another CPU can end further from "
-            f"itself than another seed does: compare rows from one machine.")
+    return (f"**Trained on {len(found)} machines** ({which_runs(found)}). The kernels' rounding makes the same "
+            f"run's curve diverge early (like another seed's), so pair rows from one machine.")
+
+
+def data_note(summary):
+    """A warning for a grid whose runs (those whose run.json records it) saw different data."""
+    found = summary.get("datasets") or {}
+    if len(found) <= 1:
+        return ""
+    return (f"\n\n**Trained on {len(found)} different datasets** ({which_runs(found)}): another val split is another "
+            f"set of val windows, which moves every val loss; rows on different data do not compare.")
+
+
+def which_runs(groups):
+    """'A: 12 runs; B: run1, run2': the largest group counted, the others named."""
+    (first, names), *others = groups.items()
+    return "; ".join([f"{first}: {len(names)} runs"] + [f"{key}: {', '.join(runs)}" for key, runs in others])
 
 
 def speed_note(summary):

@@ -11,7 +11,9 @@ python prepare_data.py --text=path/to/file_or_folder
 Read the result with np.memmap(path, dtype=np.uint16, mode="r").
 
 Documents: every file (stdlib, --text folder) or streamed record is one document. The val
-split is the last val_fraction of the tokens (the document at the cut is cut in two). gpt2
+split is the last val_fraction of the tokens (the document at the cut is cut in two), or with
+--val_split=documents the last val_fraction of the documents (the rule before 2026-11-26, which
+the README's CPU grids up to deep16 were trained on; one document is cut by tokens). gpt2
 puts EOT (50256) after every document; byte has no EOT, so a document that does not end with
 a newline gets one.
 
@@ -218,12 +220,20 @@ def tokenize(docs, tok, max_tokens=None):
     return arrays
 
 
-def split(arrays, val_fraction):
-    """(train, val): val is the last val_fraction of the tokens, at least one."""
+def split(arrays, val_fraction, by="tokens"):
+    """(train, val): val is the last val_fraction of the tokens (by="tokens") or of the documents
+    (by="documents"; of the tokens if there is only one), at least one of them."""
     tokens = np.concatenate(arrays + [np.zeros(0, dtype=np.uint16)])
     if len(tokens) < 2:
         sys.exit(f"error: the corpus is too small to split into train and val "
                  f"({len(tokens)} tokens); give it more text")
+    if by == "documents" and len(arrays) > 1:
+        n_docs = min(max(1, round(len(arrays) * val_fraction)), len(arrays) - 1)
+        n_val = sum(len(a) for a in arrays[-n_docs:])
+        if 0 < n_val < len(tokens):
+            return tokens[:-n_val], tokens[-n_val:]
+        sys.exit(f"error: the last {n_docs} of the {len(arrays)} documents hold {n_val} of the {len(tokens)} "
+                 f"tokens: no train or no val; use --val_split=tokens")
     n_val = min(max(1, round(len(tokens) * val_fraction)), len(tokens) - 1)
     return tokens[:-n_val], tokens[-n_val:]
 
@@ -243,25 +253,27 @@ def write_atomic(path, write):
 
 
 def prepare(source="stdlib", tokenizer="byte", name=None, text=None, max_tokens=None,
-            val_fraction=0.05, data_dir="data", force=False):
+            val_fraction=0.05, val_split="tokens", data_dir="data", force=False):
     """Build data_dir/<name> unless it is already there; returns its path."""
     source, max_tokens = check_request(source, text, max_tokens, val_fraction)
+    if val_split not in ("tokens", "documents"):
+        sys.exit(f"error: --val_split={val_split}: use tokens or documents")
     tok = get_tokenizer(tokenizer)
     if tok.vocab_size > 65535:
         sys.exit(f"error: vocab_size {tok.vocab_size} does not fit in uint16 token files")
     name = dataset_name(name, source, text, tok, data_dir)
     out_dir = os.path.join(data_dir, name)
     settings = dict(tokenizer=tok.name, source=describe(source, text), max_tokens=max_tokens,
-                    val_fraction=val_fraction)
+                    val_fraction=val_fraction, val_split=val_split)
     for folder in (data_dir, out_dir):
         if os.path.exists(folder) and not os.path.isdir(folder):
             sys.exit(f"error: {folder} is a file; give another --name or --data_dir")
     if already_prepared(out_dir, settings, force):
         return out_dir
     print(f"preparing {out_dir} from {settings['source']} with the {tok.name} tokenizer")
-    train, val = split(tokenize(source_docs(source, text), tok, max_tokens), val_fraction)
+    train, val = split(tokenize(source_docs(source, text), tok, max_tokens), val_fraction, val_split)
     meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, train_tokens=len(train),
-                val_tokens=len(val), eot_token=tok.eot_token, val_split="tokens") | settings
+                val_tokens=len(val), eot_token=tok.eot_token) | settings
     write_dataset(train, val, meta, data_dir, name)
     print(f"wrote {out_dir}: {len(train):,} train + {len(val):,} val tokens")
     return out_dir
@@ -310,8 +322,8 @@ def already_prepared(out_dir, settings, force):
     if all(meta.get(k) == v for k, v in settings.items()):
         print(f"{out_dir} already prepared ({meta['train_tokens']:,} train tokens); use --force to rebuild")
         return True
-    sys.exit(f"error: {out_dir} holds another dataset ({meta.get('source')}, "
-             f"{meta.get('tokenizer')}); use --force to rebuild it or --name=NEW")
+    sys.exit(f"error: {out_dir} holds another dataset ({meta.get('source')}, {meta.get('tokenizer')}, "
+             f"val split by {meta['val_split']}); use --force to rebuild it or --name=NEW")
 
 
 def write_dataset(train, val, meta, data_dir, name):
@@ -394,6 +406,7 @@ def read_meta(folder):
             or not 1 <= vocab <= 65536:
         raise ValueError(f"{path} needs a tokenizer name and an integer vocab_size in 1..65536, has "
                          f"tokenizer={meta.get('tokenizer')!r} vocab_size={vocab!r}")
+    meta.setdefault("val_split", "documents")  # data made before meta.json recorded its split
     return meta
 
 
@@ -435,6 +448,8 @@ def main(argv=None):
                         help=f"token budget (default: all; {HUB_MAX_TOKENS:,} for {', '.join(HUB_SOURCES)})")
     parser.add_argument("--val_fraction", type=float, default=0.05,
                         help="fraction of the tokens held out for val, at the end (default: 0.05)")
+    parser.add_argument("--val_split", default="tokens", choices=("tokens", "documents"),
+                        help="cut val off by tokens (default) or by whole documents (the rule before 2026-11-26)")
     parser.add_argument("--data_dir", default="data", help="the folder of the datasets (default: data)")
     parser.add_argument("--force", action="store_true",
                         help="rebuild even if already prepared (the old dataset stays until the new one is done)")

@@ -40,6 +40,10 @@ def test_tiny_grid_makes_the_table_summary_and_plots(data_dir, tmp_path):
     assert runs == ["dca-dca_k-1-s1", "dca-dca_k-1-s2", "gpt-s1", "gpt-s2", "gpt-x0.5-s1", "gpt-x0.5-s2", "gpt-x2-s1", "gpt-x2-s2"]
     info = json.loads((out / "runs" / "gpt-x2-s1" / "run.json").read_text())
     assert info["max_iters"] == 16 and "--lr_decay_iters=16" in info["command"] and info["torch"] == torch.__version__
+    meta = json.loads((Path(data_dir) / "pystdlib" / "meta.json").read_text())  # the data and machine it ran on
+    assert (info["train_tokens"], info["val_tokens"], info["val_split"]) == (meta["train_tokens"], meta["val_tokens"], "tokens")
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and info["threads"] >= 1
+    assert "Trained on: " in (out / "table.md").read_text() and "different datasets" not in (out / "table.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["model"]: r for r in summary["rows"]}
     assert set(rows) == {"gpt", "dca:dca_k=1"} and rows["dca:dca_k=1"]["seeds"] == [1, 2]
@@ -189,8 +193,8 @@ def test_the_table_says_where_its_runs_trained(tmp_path, capsys):
     info = tmp_path / "g" / "runs" / "m-s2" / "run.json"
     info.write_text(json.dumps({**json.loads(info.read_text()), "hostname_cpu": "Intel Xeon", "cpu_capability": "AVX512"}))
     table = compare.report(tmp_path / "g")
-    assert ("**Trained on 2 machines** (AMD EPYC (AVX2): 3 runs; Intel Xeon (AVX512): m-s2). "
-            "The same run on another CPU") in table
+    assert "**Trained on 2 machines** (AMD EPYC (AVX2): 3 runs; Intel Xeon (AVX512): m-s2). " in table
+    assert "datasets" not in table  # these run.json files do not say which data they saw: no data warning
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())
     assert summary["machines"] == {"AMD EPYC (AVX2)": ["gpt-s1", "gpt-s2", "m-s1"], "Intel Xeon (AVX512)": ["m-s2"]}
     write_grid(tmp_path / "h", ["--n_layer=4"], {"gpt": [2.0, 2.1], "m": [1.9, 2.05]})  # run.json without a machine
@@ -198,6 +202,14 @@ def test_the_table_says_where_its_runs_trained(tmp_path, capsys):
     compare.main([f"--results={tmp_path}", "--name=both", "--across=g,h"])
     across = (tmp_path / "both" / "table.md").read_text()
     assert "(n=2); **on 2 machines** (see its table)" in across and "(n=2); on an unrecorded machine" in across
+    for name, (val_tokens, split) in {"gpt-s1": (50, "documents"), "gpt-s2": (50, "documents"),
+                                      "m-s1": (50, "documents"), "m-s2": (52, "tokens")}.items():
+        info = tmp_path / "g" / "runs" / name / "run.json"
+        info.write_text(json.dumps({**json.loads(info.read_text()), "dataset": "/x/data/pystdlib", "train_tokens": 950,
+                                    "val_tokens": val_tokens, "val_split": split}))
+    table = compare.report(tmp_path / "g")
+    assert ("**Trained on 2 different datasets** (pystdlib: 950 train + 50 val tokens, val split by documents: 3 runs; "
+            "pystdlib: 950 train + 52 val tokens, val split by tokens: m-s2)") in table
     # what compare.py records of a run's machine: the CPU, the kernels torch chose, the threads it ran with
     env = compare.environment({"OMP_NUM_THREADS": "3"})
     assert env["threads"] == 3 and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["hostname_cpu"]

@@ -566,6 +566,38 @@ def test_val_split_is_by_tokens(tmp_path, docs, fraction):
     assert json.loads((out / "meta.json").read_text())["val_split"] == "tokens"
 
 
+def test_val_split_by_documents_is_the_old_rule(tmp_path, capsys):
+    """--val_split=documents: val is the last round(n_docs * fraction) whole documents (the rule the
+    CPU grids up to deep16 trained on); one document is cut by tokens; data whose meta.json predates
+    the val_split key counts as split by documents, and another split is another dataset."""
+    sys.path.insert(0, str(ROOT))
+    from prepare_data import prepare
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = [f"doc {i}\n" * (i + 1) for i in range(20)]  # lengths 6, 12, ..., 120 bytes
+    for i, doc in enumerate(docs):
+        (corpus / f"{i:03d}.txt").write_text(doc)
+    out = Path(prepare(text=str(corpus), data_dir=str(tmp_path / "d"), val_fraction=0.1, val_split="documents"))
+    val = np.fromfile(out / "val.bin", dtype=np.uint16)
+    assert bytes(val.astype(np.uint8)).decode() == docs[18] + docs[19]  # 2 of 20 documents, whole
+    assert json.loads((out / "meta.json").read_text())["val_split"] == "documents"
+    by_tokens = Path(prepare(text=str(corpus), data_dir=str(tmp_path / "t"), val_fraction=0.1))
+    assert len(np.fromfile(by_tokens / "val.bin", dtype=np.uint16)) == round(sum(map(len, docs)) * 0.1) != len(val)
+    one = tmp_path / "one.txt"
+    one.write_text("x" * 999 + "\n")
+    single = Path(prepare(text=str(one), data_dir=str(tmp_path / "d"), val_fraction=0.05, val_split="documents"))
+    assert len(np.fromfile(single / "val.bin", dtype=np.uint16)) == 50
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["val_split"]  # a dataset prepared before meta.json said how it was split
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert prepare(text=str(corpus), data_dir=str(tmp_path / "d"), val_fraction=0.1, val_split="documents") == str(out)
+    assert "already prepared" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"val split by documents\); use --force"):
+        prepare(text=str(corpus), data_dir=str(tmp_path / "d"), val_fraction=0.1)
+    with pytest.raises(SystemExit, match="use tokens or documents"):
+        prepare(text=str(corpus), data_dir=str(tmp_path / "d"), val_split="files")
+
+
 def test_val_split_with_max_tokens(run, tmp_path):
     assert run("prepare_data.py", f"--data_dir={tmp_path}", "--max_tokens=20000", "--val_fraction=0.1").returncode == 0
     meta = json.loads((tmp_path / "pystdlib" / "meta.json").read_text())
