@@ -187,3 +187,17 @@ def test_a_missing_checkpoint_or_dataset_is_a_one_line_error(data_dir, tmp_path)
     save_checkpoint(make_model("gpt", dtype=torch.float32, vocab_size=256), tmp_path / "run", {})
     with pytest.raises(SystemExit, match="--dataset=pystdlib"):
         analyze.main([f"--out_dir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'no_data'}"])
+
+
+def test_val_batches_are_train_pys_eval_windows(data_dir):
+    """--batches=eval_iters --batch_size=batch_size --seed=0 scores the very windows train.py's evals
+    do (the README scores checkpoints on another split's windows this way)."""
+    import train
+    block_size, eval_iters, batch_size = 32, 5, 4
+    _, batches = analyze.val_batches({"train_config": {"dataset": "pystdlib"}}, str(data_dir), eval_iters,
+                                     batch_size, block_size, seed=0)
+    val = train.Batches(os.path.join(data_dir, "pystdlib", "val.bin"), block_size, 0, 256)
+    offsets = val.draw(eval_iters * batch_size).view(eval_iters, batch_size)  # as train.py draws them
+    for (x, y), row in zip(batches, offsets):
+        x_train, y_train = val.get(row, torch.device("cpu"))
+        assert torch.equal(x, x_train) and torch.equal(y, y_train)
