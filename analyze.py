@@ -745,7 +745,8 @@ def main(argv=None):
     parser.add_argument("--data_dir", default="data", help="the folder holding <dataset>/val.bin")
     parser.add_argument("--compare_dir", default="",
                         help="where the side-by-side figure goes (default: the first out_dir)")
-    parser.add_argument("--batches", type=int, default=8, help="val batches, the same for every model")
+    parser.add_argument("--batches", type=int, default=8, help="val batches, the same for every model "
+                        "(--batches=EVAL_ITERS --batch_size=BATCH_SIZE --seed=0: train.py's eval windows)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="picks the val batches")
     parser.add_argument("--kv_context", type=int, default=0,
