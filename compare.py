@@ -123,17 +123,30 @@ def environment(env=None):
                                     capture_output=True, text=True).stdout.strip())
     except OSError:
         commit, dirty = "", False
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    import train
+    cpu = train.cpu_name()
     return {"hostname_cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels torch chose
-            "cpu_count": os.cpu_count(), "threads": int((env or os.environ).get("OMP_NUM_THREADS") or torch.get_num_threads()),
+            "cpu_count": os.cpu_count(), "threads": threads(env or os.environ),
             "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "git_commit": commit + ("+uncommitted changes" if dirty else "")}
+
+
+def threads(env):
+    """The CPU threads a run in env gets: OMP_NUM_THREADS, else torch's default."""
+    import torch
+    try:
+        return int(env.get("OMP_NUM_THREADS") or 0) or torch.get_num_threads()
+    except ValueError:  # e.g. "4,2", per nesting level
+        return torch.get_num_threads()
+
+
+def read_starts(path):
+    """The {"event": "start"} records of a log.jsonl: one per sitting of the run (train.py's command,
+    machine and versions)."""
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines())) if r.get("event") == "start"]
 
 
 def read_log(path):
@@ -162,7 +175,8 @@ def run_grid(args, train_flags, results):
     for name, spec, seed, length, extra in runs:
         argv = [*train_flags, *spec_flags(spec), f"--seed={seed}", *extra, f"--out_dir={out_root / name}"]
         facts = model_facts(argv)  # also checks the flags, for every run, before anything trains
-        if finished(read_log(results / "runs" / name / "log.jsonl"), facts["max_iters"]):
+        kept = results / "runs" / name
+        if finished(read_log(kept / "log.jsonl"), facts["max_iters"]) and (kept / "run.json").exists():
             continue
         todo.append((name, spec, seed, length, argv, facts))
     env = run_environment(args.jobs)
@@ -216,11 +230,12 @@ def train_run(item, out_root, results, total, progress):
         log = read_log(out_dir / "log.jsonl")
     keep = results / "runs" / name
     keep.mkdir(parents=True, exist_ok=True)
-    (keep / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     run_info = {"run": name, "model": spec, "seed": seed, "length": length,
                 "command": shown_command("train.py", argv), **facts, **environment(progress["env"]),
                 "seconds_this_sitting": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (keep / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
+    (keep / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")  # first: a copied log means a whole run
+    starts = read_starts(out_dir / "log.jsonl")  # where and how each sitting ran
+    (keep / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in starts + log))
     print(f"    {name}: val {log[-1]['val']:.4f} after {log[-1]['step']} steps ({format_time(time.time() - t0)})", flush=True)
     return None
 
@@ -343,43 +358,58 @@ def load_runs(results):
         run["final"] = evals[-1]["val"]
         run["total_flops"] = run["flops"][-1]
         run["ms_per_step"] = median([r["ms"] for r in log[1:]] or [log[0]["ms"]])  # the first interval compiles/warms up
+        run["sittings"] = read_starts(folder / "log.jsonl")
         runs.append(run)
     return runs
 
 
-def machine(run):
-    """Where a run trained, as its run.json says: the GPU, or the CPU's name and the kernels torch chose
-    for it (rounding differs between them, and at some shapes the first steps amplify it past the seeds)."""
-    if run.get("cuda"):
-        return run["cuda"]
-    cpu = run.get("hostname_cpu") or "an unrecorded machine"
-    return cpu + (f" ({run['cpu_capability']})" if run.get("cpu_capability") else "")
-
-
-def datasets(runs):
-    """{the data: the names of its runs}, for the runs whose run.json records it."""
-    by_data = {}
-    for run in sorted(runs, key=lambda r: r["run"]):
-        if data_of(run):
-            by_data.setdefault(data_of(run), []).append(run["run"])
-    return dict(sorted(by_data.items(), key=lambda item: -len(item[1])))
+def machine(record):
+    """(where, the kernels torch chose there, or None) from a start record of a run's log, or from its
+    run.json for runs from before those said: the GPU (or TPU), or the CPU's name. CPUs and kernels
+    round differently, and the first steps can amplify that."""
+    if "cpu" in record:  # a start record
+        return (record["cpu"], record.get("cpu_capability")) if record["device"] == "cpu" else (record["device"], None)
+    if record.get("cuda"):
+        return record["cuda"], None
+    return record.get("hostname_cpu") or "an unrecorded machine", record.get("cpu_capability")
 
 
 def machines(runs):
-    """{machine: the names of its runs}, the machine with the most runs first."""
-    by_machine = {}
-    for run in sorted(runs, key=lambda r: r["run"]):
-        by_machine.setdefault(machine(run), []).append(run["run"])
-    return dict(sorted(by_machine.items(), key=lambda item: -len(item[1])))
+    """{machine: the names of its runs}, the most runs first. A run resumed on another machine is
+    'A + B'; a run.json from before compare.py recorded torch's kernels counts as its CPU's other
+    runs when these all recorded the same kernels."""
+    where = {run["run"]: sorted({machine(s) for s in run.get("sittings", []) if "cpu" in s} or {machine(run)},
+                                key=str) for run in runs}
+    kernels = {}
+    for places in where.values():
+        for name, kernel in places:
+            if kernel:
+                kernels.setdefault(name, set()).add(kernel)
+
+    def label(name, kernel):
+        kernel = kernel or (min(kernels[name]) if len(kernels.get(name, ())) == 1 else None)
+        return f"{name} ({kernel})" if kernel else name
+    return group_runs(runs, lambda run: " + ".join(dict.fromkeys(label(*place) for place in where[run["run"]])))
+
+
+UNRECORDED = "not recorded (a run.json from before compare.py recorded the data)"
 
 
 def data_of(run):
-    """The data a run trained and was evaluated on, as its run.json says (None for runs from before
-    it said): another split is another fixed set of val windows, and moves the logged val loss."""
+    """The data a run trained and was evaluated on, as its run.json says: another split is another
+    fixed set of val windows, and moves the logged val loss."""
     if run.get("val_tokens") is None:
-        return None
+        return UNRECORDED
     return (f"{Path(run['dataset']).name}: {run['train_tokens']:,} train + {run['val_tokens']:,} val tokens, "
             f"val split by {run['val_split']}")
+
+
+def group_runs(runs, key):
+    """{key(run): the names of its runs}, the largest group first."""
+    groups = {}
+    for run in sorted(runs, key=lambda r: r["run"]):
+        groups.setdefault(key(run), []).append(run["run"])
+    return dict(sorted(groups.items(), key=lambda item: -len(item[1])))
 
 
 def median(xs):
@@ -561,7 +591,7 @@ def summarize(runs, models, speed=None):
               if timed else "the training logs")
     used = [r for rs in main.values() for r in rs] + [r for r in lengths if r["length"] != 1.0]
     return {"baseline": base, "fit": fit, "lengths": {str(k): v for k, v in sorted(by_length.items())},
-            "ms_per_step_from": source, "machines": machines(used), "datasets": datasets(used), "rows": rows}
+            "ms_per_step_from": source, "machines": machines(used), "datasets": group_runs(used, data_of), "rows": rows}
 
 
 # -----------------------------------------------------------------------------
@@ -620,8 +650,8 @@ def table_markdown(summary, info):
 
 
 def machines_note(summary):
-    """'Trained on: X (all 12 runs).', or, for a grid whose runs trained on several machines, which ran where
-    and a warning: the same run on another CPU can end further away than another seed."""
+    """'Trained on: X (all 12 runs).', or, for a grid whose runs trained on several machines, which ran
+    where, and a warning."""
     found = summary.get("machines") or {}
     if len(found) <= 1:
         return "".join(f"Trained on: {m} (all {len(names)} runs)." for m, names in found.items())
@@ -630,12 +660,15 @@ def machines_note(summary):
 
 
 def data_note(summary):
-    """A warning for a grid whose runs (those whose run.json records it) saw different data."""
+    """' Data: X (all 12 runs).', which runs recorded what, or a warning where they saw different data."""
     found = summary.get("datasets") or {}
-    if len(found) <= 1:
+    recorded = [d for d in found if d != UNRECORDED]
+    if not recorded:
         return ""
-    return (f"\n\n**Trained on {len(found)} different datasets** ({which_runs(found)}): another val split is another "
-            f"set of val windows, which moves every val loss; rows on different data do not compare.")
+    if len(recorded) > 1:
+        return (f" **Trained on {len(recorded)} different datasets** ({which_runs(found)}): another val split is "
+                f"another set of val windows, which moves every val loss; rows on different data do not compare.")
+    return f" Data: {which_runs(found)}." if len(found) > 1 else f" Data: {recorded[0]} (all {len(found[recorded[0]])} runs)."
 
 
 def which_runs(groups):

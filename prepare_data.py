@@ -227,13 +227,10 @@ def split(arrays, val_fraction, by="tokens"):
     if len(tokens) < 2:
         sys.exit(f"error: the corpus is too small to split into train and val "
                  f"({len(tokens)} tokens); give it more text")
-    if by == "documents" and len(arrays) > 1:
+    if by == "documents" and len(arrays) > 1:  # (every document has a token at least: its newline or EOT)
         n_docs = min(max(1, round(len(arrays) * val_fraction)), len(arrays) - 1)
         n_val = sum(len(a) for a in arrays[-n_docs:])
-        if 0 < n_val < len(tokens):
-            return tokens[:-n_val], tokens[-n_val:]
-        sys.exit(f"error: the last {n_docs} of the {len(arrays)} documents hold {n_val} of the {len(tokens)} "
-                 f"tokens: no train or no val; use --val_split=tokens")
+        return tokens[:-n_val], tokens[-n_val:]
     n_val = min(max(1, round(len(tokens) * val_fraction)), len(tokens) - 1)
     return tokens[:-n_val], tokens[-n_val:]
 
@@ -323,7 +320,8 @@ def already_prepared(out_dir, settings, force):
         print(f"{out_dir} already prepared ({meta['train_tokens']:,} train tokens); use --force to rebuild")
         return True
     sys.exit(f"error: {out_dir} holds another dataset ({meta.get('source')}, {meta.get('tokenizer')}, "
-             f"val split by {meta['val_split']}); use --force to rebuild it or --name=NEW")
+             f"val_split={meta['val_split']}, val_fraction={meta.get('val_fraction')}); give its flags to use it, "
+             f"--force to rebuild it, or --name=NEW")
 
 
 def write_dataset(train, val, meta, data_dir, name):

@@ -584,6 +584,14 @@ def append_record(path, record):
                             f"space or give another --out_dir, then --init_from=resume")
 
 
+def cpu_name():
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform says."""
+    with contextlib.suppress(OSError, StopIteration):
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    return platform.processor() or platform.machine()
+
+
 def start_record(argv, c, model_config, system, resumed_from):
     """The first log.jsonl record of every start: what ran, where, with what (no "step": readers of
     the step records skip it)."""
@@ -599,7 +607,8 @@ def start_record(argv, c, model_config, system, resumed_from):
     return {"event": "start", "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": "python train.py " + shlex.join(argv), "git_commit": commit, "resumed_from": resumed_from, "python": platform.python_version(),
             "torch": torch.__version__, "numpy": np.__version__, "device": device_name(system.device),
-            "dtype": system.dtype, "world_size": system.world, "host": socket.gethostname(),
+            "dtype": system.dtype, "world_size": system.world, "host": socket.gethostname(), "cpu": cpu_name(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "train_config": asdict(c), "model_config": gpt.config_to_dict(model_config)}
 
 

@@ -43,6 +43,8 @@ def test_tiny_grid_makes_the_table_summary_and_plots(data_dir, tmp_path):
     meta = json.loads((Path(data_dir) / "pystdlib" / "meta.json").read_text())  # the data and machine it ran on
     assert (info["train_tokens"], info["val_tokens"], info["val_split"]) == (meta["train_tokens"], meta["val_tokens"], "tokens")
     assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and info["threads"] >= 1
+    start = json.loads((out / "runs" / "gpt-x2-s1" / "log.jsonl").read_text().splitlines()[0])  # each sitting's machine
+    assert start["event"] == "start" and start["cpu_capability"] == info["cpu_capability"] and start["threads"] >= 1
     assert "Trained on: " in (out / "table.md").read_text() and "different datasets" not in (out / "table.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["model"]: r for r in summary["rows"]}
@@ -210,9 +212,29 @@ def test_the_table_says_where_its_runs_trained(tmp_path, capsys):
     table = compare.report(tmp_path / "g")
     assert ("**Trained on 2 different datasets** (pystdlib: 950 train + 50 val tokens, val split by documents: 3 runs; "
             "pystdlib: 950 train + 52 val tokens, val split by tokens: m-s2)") in table
+    # one dataset: said once; recorded for some runs only: which
+    for name in ("gpt-s1", "gpt-s2", "m-s1", "m-s2"):
+        info = tmp_path / "g" / "runs" / name / "run.json"
+        info.write_text(json.dumps({**json.loads(info.read_text()), "val_tokens": 50, "val_split": "documents"}))
+    assert "Data: pystdlib: 950 train + 50 val tokens, val split by documents (all 4 runs)." in compare.report(tmp_path / "g")
+    info = tmp_path / "g" / "runs" / "gpt-s1" / "run.json"
+    info.write_text(json.dumps({k: v for k, v in json.loads(info.read_text()).items() if k != "val_tokens"}))
+    assert ("Data: pystdlib: 950 train + 50 val tokens, val split by documents: 3 runs; not recorded (a run.json "
+            "from before compare.py recorded the data): gpt-s1.") in compare.report(tmp_path / "g")
+    # the machine of each sitting, from the start records of the log: a run resumed elsewhere is both;
+    # a run.json without the kernels counts as its CPU's other runs when these all recorded the same
+    log = tmp_path / "g" / "runs" / "m-s2" / "log.jsonl"
+    starts = [{"event": "start", "device": "cpu", "cpu": "AMD EPYC", "cpu_capability": "AVX2"},
+              {"event": "start", "device": "cpu", "cpu": "Intel Xeon", "cpu_capability": "AVX512"}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in starts) + log.read_text())
+    info = tmp_path / "g" / "runs" / "gpt-s2" / "run.json"
+    info.write_text(json.dumps({k: v for k, v in json.loads(info.read_text()).items() if k != "cpu_capability"}))
+    summary = compare.summarize(compare.load_runs(tmp_path / "g"), ["gpt", "m"])
+    assert summary["machines"] == {"AMD EPYC (AVX2)": ["gpt-s1", "gpt-s2", "m-s1"], "AMD EPYC (AVX2) + Intel Xeon (AVX512)": ["m-s2"]}
     # what compare.py records of a run's machine: the CPU, the kernels torch chose, the threads it ran with
     env = compare.environment({"OMP_NUM_THREADS": "3"})
     assert env["threads"] == 3 and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["hostname_cpu"]
+    assert compare.threads({"OMP_NUM_THREADS": "4,2"}) == compare.threads({}) == torch.get_num_threads()
 
 
 def write_grid(folder, train_flags, finals, lengths=()):

@@ -592,7 +592,7 @@ def test_val_split_by_documents_is_the_old_rule(tmp_path, capsys):
     (out / "meta.json").write_text(json.dumps(meta))
     assert prepare(text=str(corpus), data_dir=str(tmp_path / "d"), val_fraction=0.1, val_split="documents") == str(out)
     assert "already prepared" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"val split by documents\); use --force"):
+    with pytest.raises(SystemExit, match=r"val_split=documents, val_fraction=0.1\); give its flags to use it"):
         prepare(text=str(corpus), data_dir=str(tmp_path / "d"), val_fraction=0.1)
     with pytest.raises(SystemExit, match="use tokens or documents"):
         prepare(text=str(corpus), data_dir=str(tmp_path / "d"), val_split="files")
