@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 import gpt
+import train
 
 gpt.all_models()  # register every variant file there is (muddformer.py and attnres.py too)
 import dca  # noqa: E402  (the probes need their classes)
@@ -64,26 +65,22 @@ def load_run(out_dir, device="cpu"):
 
 
 def val_batches(ckpt, data_dir, n_batches, batch_size, block_size, seed):
-    """A fixed list of (x, y) val batches of the dataset the checkpoint was trained on: the
-    same offsets for every model of the same block_size (one seeded generator)."""
+    """A fixed list of (x, y) val batches of the dataset the checkpoint was trained on, drawn as
+    train.py draws its eval windows (train.Batches, one seeded generator): the same offsets for
+    every model of the same block_size, and with --seed=0 the very windows train.py scores."""
     dataset = ckpt.get("train_config", {}).get("dataset", "pystdlib")
     path = os.path.join(data_dir, dataset, "val.bin")
     if not os.path.exists(path):
         sys.exit(f"error: {path} not found; the checkpoint was trained on --dataset={dataset}: "
                  f"give --data_dir=<the folder holding {dataset}/>")
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    if len(data) < block_size + 2:
-        sys.exit(f"error: {path} has {len(data)} tokens, fewer than block_size+2={block_size + 2}")
-    g = torch.Generator().manual_seed(seed)
-    offsets = torch.randint(len(data) - block_size - 1, (n_batches, batch_size), generator=g)
-    batches = []
-    for row in offsets.tolist():
-        xy = torch.from_numpy(np.stack([data[o:o + block_size + 1].astype(np.int64) for o in row]))
-        batches.append((xy[:, :-1].contiguous(), xy[:, 1:].contiguous()))
-    return dataset, batches
+    try:
+        val = train.Batches(path, block_size, seed, ckpt["model_config"]["vocab_size"])
+        offsets = val.draw(n_batches * batch_size).view(n_batches, batch_size)
+        return dataset, [val.get(row, torch.device("cpu")) for row in offsets]
+    except train.UserError as e:
+        sys.exit(f"error: {e}")
 
 
-@torch.no_grad()
 # -----------------------------------------------------------------------------
 # the probes
 

@@ -141,26 +141,27 @@ def threads(env):
         return torch.get_num_threads()
 
 
-def read_starts(path):
-    """The {"event": "start"} records of a log.jsonl: one per sitting of the run (train.py's command,
-    machine and versions)."""
+def read_records(path):
+    """Every record of a log.jsonl, in order; [] where there is none."""
     if not path.exists():
         return []
-    return [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines())) if r.get("event") == "start"]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def starts_of(records):
+    """The {"event": "start"} records: one per sitting of the run (train.py's command, machine and versions)."""
+    return [r for r in records if r.get("event") == "start"]
+
+
+def steps_of(records):
+    """The records of the steps, one per step: a resumed run re-logs the steps after its last
+    checkpoint, and the later record of a step wins."""
+    by_step = {r["step"]: r for r in records if "step" in r}
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def read_log(path):
-    """log.jsonl -> records, one per step: a resumed run re-logs the steps after its last
-    checkpoint, and the later record of a step wins. Records without a step (train.py's
-    {"event": "start", ...} at every start) are skipped."""
-    by_step = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                if "step" in record:
-                    by_step[record["step"]] = record
-    return [by_step[s] for s in sorted(by_step)]
+    return steps_of(read_records(path))
 
 
 def finished(log, max_iters):
@@ -227,14 +228,14 @@ def train_run(item, out_root, results, total, progress):
             return f"error: {name} failed (exit {code}): {tail[0] if tail else ''} (its output: {out_dir / 'train.log'})"
         with progress["lock"]:
             progress["seconds"].append(time.time() - t0)
-        log = read_log(out_dir / "log.jsonl")
+    records = read_records(out_dir / "log.jsonl")
+    log, starts = steps_of(records), starts_of(records)  # starts: where and how each sitting ran
     keep = results / "runs" / name
     keep.mkdir(parents=True, exist_ok=True)
     run_info = {"run": name, "model": spec, "seed": seed, "length": length,
                 "command": shown_command("train.py", argv), **facts, **environment(progress["env"]),
                 "seconds_this_sitting": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     (keep / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")  # first: a copied log means a whole run
-    starts = read_starts(out_dir / "log.jsonl")  # where and how each sitting ran
     (keep / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in starts + log))
     print(f"    {name}: val {log[-1]['val']:.4f} after {log[-1]['step']} steps ({format_time(time.time() - t0)})", flush=True)
     return None
@@ -347,7 +348,8 @@ def load_runs(results):
         if not (folder / "run.json").exists():
             continue
         run = json.loads((folder / "run.json").read_text())
-        log = read_log(folder / "log.jsonl")
+        records = read_records(folder / "log.jsonl")
+        log = steps_of(records)
         if not finished(log, run["max_iters"]):
             continue
         evals = [r for r in log if "val" in r]
@@ -358,7 +360,7 @@ def load_runs(results):
         run["final"] = evals[-1]["val"]
         run["total_flops"] = run["flops"][-1]
         run["ms_per_step"] = median([r["ms"] for r in log[1:]] or [log[0]["ms"]])  # the first interval compiles/warms up
-        run["sittings"] = read_starts(folder / "log.jsonl")
+        run["sittings"] = starts_of(records)
         runs.append(run)
     return runs
 

@@ -227,11 +227,11 @@ def split(arrays, val_fraction, by="tokens"):
     if len(tokens) < 2:
         sys.exit(f"error: the corpus is too small to split into train and val "
                  f"({len(tokens)} tokens); give it more text")
+    last = lambda n: min(max(1, round(n * val_fraction)), n - 1)  # of n items, at least 1, never all
     if by == "documents" and len(arrays) > 1:  # (every document has a token at least: its newline or EOT)
-        n_docs = min(max(1, round(len(arrays) * val_fraction)), len(arrays) - 1)
-        n_val = sum(len(a) for a in arrays[-n_docs:])
-        return tokens[:-n_val], tokens[-n_val:]
-    n_val = min(max(1, round(len(tokens) * val_fraction)), len(tokens) - 1)
+        n_val = sum(len(a) for a in arrays[-last(len(arrays)):])
+    else:
+        n_val = last(len(tokens))
     return tokens[:-n_val], tokens[-n_val:]
 
 

@@ -194,8 +194,8 @@ def test_val_batches_are_train_pys_eval_windows(data_dir):
     do (the README scores checkpoints on another split's windows this way)."""
     import train
     block_size, eval_iters, batch_size = 32, 5, 4
-    _, batches = analyze.val_batches({"train_config": {"dataset": "pystdlib"}}, str(data_dir), eval_iters,
-                                     batch_size, block_size, seed=0)
+    _, batches = analyze.val_batches({"train_config": {"dataset": "pystdlib"}, "model_config": {"vocab_size": 256}},
+                                     str(data_dir), eval_iters, batch_size, block_size, seed=0)
     val = train.Batches(os.path.join(data_dir, "pystdlib", "val.bin"), block_size, 0, 256)
     offsets = val.draw(eval_iters * batch_size).view(eval_iters, batch_size)  # as train.py draws them
     for (x, y), row in zip(batches, offsets):
