@@ -673,6 +673,15 @@ def data_note(summary):
     return f" Data: {which_runs(found)}." if len(found) > 1 else f" Data: {recorded[0]} (all {len(found[recorded[0]])} runs)."
 
 
+def data_in_brief(summary):
+    """'; data X' for --across's line of a grid: its one recorded dataset, or a warning."""
+    found = summary.get("datasets") or {}
+    recorded = [d for d in found if d != UNRECORDED]
+    if len(recorded) > 1:
+        return f"; **on {len(recorded)} datasets** (see its table)"
+    return "".join(f"; data {d}" + (" (not recorded by every run)" if len(found) > 1 else "") for d in recorded)
+
+
 def which_runs(groups):
     """'A: 12 runs; B: run1, run2': the largest group counted, the others named."""
     (first, names), *others = groups.items()
@@ -899,7 +908,7 @@ def across_markdown(name, again, summaries, base, differs, models):
         b = model_row(s, base)
         found = list(s.get("machines") or {})
         on = ("" if not found else f"; on {found[0]}" if len(found) == 1
-              else f"; **on {len(found)} machines** (see its table)")
+              else f"; **on {len(found)} machines** (see its table)") + data_in_brief(s)
         lines.append(f"- {grid} ({' '.join(differs[grid]) or 'no flag of its own'}): `{base}` "
                      f"{b['val_mean']:.4f} ± {b['val_std']:.4f} (n={len(b['seeds'])}){on}")
     lines += ["", "| model | " + " | ".join(f"{g}: Δ vs {base} | p (Welch / paired) | compute ×" for g in grids) + " |",

@@ -210,6 +210,8 @@ def test_the_table_says_where_its_runs_trained(tmp_path, capsys):
         info.write_text(json.dumps({**json.loads(info.read_text()), "dataset": "/x/data/pystdlib", "train_tokens": 950,
                                     "val_tokens": val_tokens, "val_split": split}))
     table = compare.report(tmp_path / "g")
+    compare.main([f"--results={tmp_path}", "--name=both", "--across=g,h"])
+    assert "**on 2 datasets** (see its table)" in (tmp_path / "both" / "table.md").read_text()
     assert ("**Trained on 2 different datasets** (pystdlib: 950 train + 50 val tokens, val split by documents: 3 runs; "
             "pystdlib: 950 train + 52 val tokens, val split by tokens: m-s2)") in table
     # one dataset: said once; recorded for some runs only: which
@@ -217,10 +219,16 @@ def test_the_table_says_where_its_runs_trained(tmp_path, capsys):
         info = tmp_path / "g" / "runs" / name / "run.json"
         info.write_text(json.dumps({**json.loads(info.read_text()), "val_tokens": 50, "val_split": "documents"}))
     assert "Data: pystdlib: 950 train + 50 val tokens, val split by documents (all 4 runs)." in compare.report(tmp_path / "g")
+    compare.main([f"--results={tmp_path}", "--name=both", "--across=g,h"])  # --across names each grid's data too
+    across = (tmp_path / "both" / "table.md").read_text()
+    assert "**on 2 machines** (see its table); data pystdlib: 950 train + 50 val tokens, val split by documents\n" in across
+    assert "on an unrecorded machine\n" in across  # h's runs recorded no data: nothing said
     info = tmp_path / "g" / "runs" / "gpt-s1" / "run.json"
     info.write_text(json.dumps({k: v for k, v in json.loads(info.read_text()).items() if k != "val_tokens"}))
     assert ("Data: pystdlib: 950 train + 50 val tokens, val split by documents: 3 runs; not recorded (a run.json "
             "from before compare.py recorded the data): gpt-s1.") in compare.report(tmp_path / "g")
+    compare.main([f"--results={tmp_path}", "--name=both", "--across=g,h"])
+    assert "val split by documents (not recorded by every run)\n" in (tmp_path / "both" / "table.md").read_text()
     # the machine of each sitting, from the start records of the log: a run resumed elsewhere is both;
     # a run.json without the kernels counts as its CPU's other runs when these all recorded the same
     log = tmp_path / "g" / "runs" / "m-s2" / "log.jsonl"
