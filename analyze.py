@@ -33,14 +33,12 @@ import torch
 
 import gpt
 import train
+from compare import MODEL_COLORS  # one color per model, the same in every figure
 
 gpt.all_models()  # register every variant file there is (muddformer.py and attnres.py too)
 import dca  # noqa: E402  (the probes need their classes)
 import dcmha  # noqa: E402
 
-# one color per model, the same in every figure
-MODEL_COLORS = {"gpt": "#555555", "resformer": "#1f77b4", "svformer": "#17becf", "dcmha": "#d62728",
-                "dca": "#2ca02c", "muddformer": "#9467bd", "attnres": "#ff7f0e"}
 LINE_STYLES = ["-", "--", ":", "-."]  # a second run of the same model gets the next one
 MAP_SIZE = 48                         # DCMHA's attention maps: the first MAP_SIZE queries and keys
 

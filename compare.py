@@ -700,7 +700,27 @@ def speed_note(summary):
             f"the optimizer step left out). ")
 
 
-COLORS = ["#222222", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+# one color per model, the same in every figure (analyze.py's too); a model's second, third, ... variant
+# in a grid (another learning rate, k-DCA, ...) gets a lighter shade of it
+MODEL_COLORS = {"gpt": "#222222", "resformer": "#1f77b4", "svformer": "#17becf", "dcmha": "#d62728",
+                "dca": "#2ca02c", "muddformer": "#9467bd", "attnres": "#ff7f0e"}
+OTHER_COLORS = ["#8c564b", "#e377c2", "#bcbd22", "#7f7f7f"]  # models of files not listed above
+SHADES = (0.0, 0.5, 0.25, 0.7)  # how far toward white each further variant goes
+
+
+def model_colors(specs):
+    """{spec: color} for specs like "gpt", "gpt:learning_rate=2e-3": each model's own color, its
+    further variants (in the order given) lighter shades of it."""
+    from matplotlib.colors import to_hex, to_rgb
+    colors, variants, others = {}, {}, {}
+    for spec in specs:
+        name = spec.split(":")[0]
+        if name not in MODEL_COLORS and name not in others:
+            others[name] = OTHER_COLORS[len(others) % len(OTHER_COLORS)]
+        k = variants[name] = variants.get(name, -1) + 1
+        white = SHADES[k % len(SHADES)]
+        colors[spec] = to_hex([c + white * (1 - c) for c in to_rgb(MODEL_COLORS.get(name) or others[name])])
+    return colors
 
 
 def plots(runs, summary, models, out):
@@ -710,7 +730,7 @@ def plots(runs, summary, models, out):
     matplotlib.use("Agg")
     main = {spec: [r for r in runs if r["model"] == spec and r["length"] == 1.0] for spec in models}
     main = {spec: rs for spec, rs in main.items() if rs}
-    color = {spec: COLORS[i % len(COLORS)] for i, spec in enumerate(models)}
+    color = model_colors(models)
     # the y range: the second half of training, where the models separate
     late = [v for rs in main.values() for r in rs for s, v in zip(r["steps"], r["val"]) if s >= r["steps"][-1] * 0.3]
     ylim = (min(late) - 0.01, max(late) + 0.01) if late else None
@@ -938,8 +958,9 @@ def across_plot(summaries, base, differs, models, path):
     grids = list(summaries)
     fig, (ax_delta, ax_mult) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=130)
     width = 0.5 / max(len(models), 1)
+    colors = model_colors([base, *models])  # (the baseline's own variants shade off its color)
     for i, spec in enumerate(models):
-        color = COLORS[(i + 1) % len(COLORS)]  # COLORS[0] is the baseline's in the grids' plots
+        color = colors[spec]
         offset = (i - (len(models) - 1) / 2) * width
         for ax, key in ((ax_delta, "delta"), (ax_mult, "compute_multiplier")):
             xs, ys, lows, highs = [], [], [], []

@@ -466,3 +466,16 @@ def test_recorded_commands_show_repo_paths_relative(tmp_path):
     shown = compare.shown_command("train.py", [f"--data_dir={ROOT / 'data'}", f"--out_dir={tmp_path}", "--n_layer=8",
                                                f"--results={ROOT}"])
     assert shown == f"python train.py --data_dir=data --out_dir={tmp_path} --n_layer=8 --results=."
+
+
+def test_each_model_has_its_color_in_every_figure():
+    """A model's color does not depend on the grid: its first spec gets it, its further variants
+    (another learning rate, k-DCA) lighter shades of it, all different; analyze.py uses the same."""
+    import analyze
+    colors = compare.model_colors(["gpt", "attnres", "gpt:learning_rate=2e-3", "muddformer:learning_rate=2e-3",
+                                   "mine", "gpt:learning_rate=8e-3"])
+    assert colors["gpt"] == compare.MODEL_COLORS["gpt"] == analyze.MODEL_COLORS["gpt"]
+    assert colors["muddformer:learning_rate=2e-3"] == compare.MODEL_COLORS["muddformer"]  # its first variant here
+    assert compare.model_colors(["dca", "attnres"])["attnres"] == colors["attnres"]       # whatever the order
+    assert len(set(colors.values())) == len(colors)                                      # none shared
+    assert colors["mine"] not in compare.MODEL_COLORS.values()                           # a model of your own
