@@ -11,10 +11,16 @@ B, C, A, B, C, ...) so that a slow moment of the machine hits every model alike;
 over the repeats. Memory: on CUDA the peak allocated memory of a step; on CPU the peak RSS
 a fresh process gains over its start while it builds the model and runs two steps (each
 model in its own process, since RSS never goes down).
+
+Where the time goes (--profile=DIR): torch.profiler over two more steps of each model, its
+kernels' time per step summed into matmuls, attention, fused (the kernels inductor generates
+under --compile: the elementwise work, norms, reductions) and the rest; the top kernels of each
+model into DIR/<model>.txt.
 """
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -117,6 +123,9 @@ def parse_args():
     parser.add_argument("--peak_flops", type=float, default=0.0, help="peak FLOP/s for MFU (default: by device name)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown (for the README)")
+    parser.add_argument("--profile", default="", metavar="DIR",
+                        help="also profile two steps of each model: kernel time per step by kind in the output, "
+                             "each model's top kernels in DIR/<model>.txt")
     parser.add_argument("--memory_probe", default="", help=argparse.SUPPRESS)
     parser.add_argument("--warm_cache", action="store_true",
                         help="only compile the given models and run their warm-up steps, timing nothing: fills "
@@ -177,6 +186,47 @@ def measure_memory(runs, args, device):
             run["mem"] = float(subprocess.run(probe, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
+# a kernel's kind, from its name (CUDA kernels, or aten ops on the CPU), tried in this order
+KERNEL_KINDS = [("attention", r"flash|fmha|attention|sdpa|scaled_dot_product"),
+                ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|triton_tem|^aten::(mm|addmm|bmm|baddbmm|_addmm_activation)$"),
+                ("fused", r"^triton_|cpp_fused")]
+
+
+def kernel_kind(name):
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name.lower())), "other")
+
+
+def profile_steps(runs, args, device, folder, steps=2):
+    """run["kernel_ms"]: the device's kernel time per step by kind (on the CPU: the ops' self CPU
+    time); each model's top kernels into folder/<spec>.txt."""
+    from pathlib import Path
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    for spec, run in runs.items():
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(steps):
+                run["step"]()
+            if cuda:
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        if cuda:
+            kernels = [(e.key, e.self_device_time_total) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        else:
+            kernels = [(e.key, e.self_cpu_time_total) for e in events]
+        kinds = {kind: 0.0 for kind, _ in KERNEL_KINDS + [("other", "")]}
+        for name, us in kernels:
+            kinds[kernel_kind(name)] += us / 1000 / steps
+        kinds["total"] = sum(kinds.values())
+        run["kernel_ms"] = {kind: round(ms, 2) for kind, ms in kinds.items()}
+        top = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25,
+                           max_name_column_width=90)
+        summary = ", ".join(f"{kind} {ms:.2f}" for kind, ms in run["kernel_ms"].items())
+        (folder / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', spec)}.txt").write_text(
+            f"{spec}: ms per step of {'CUDA kernels' if cuda else 'CPU ops (self time)'}: {summary}\n\n{top}\n")
+
+
 def result_rows(runs, args, peak):
     """One row per model: speed, MFU (None without a known peak), memory and KV cache, and their ratios to gpt."""
     base_ms = statistics.median(runs["gpt"]["times"]) * 1000
@@ -192,6 +242,8 @@ def result_rows(runs, args, peak):
                      "mem_ratio_to_gpt": round(run["mem"] / base_mem, 3),
                      "kv_bytes_per_token": run["kv_bytes_per_token"],  # float32, after block_size tokens
                      "kv_ratio_to_gpt": round(run["kv_bytes_per_token"] / runs["gpt"]["kv_bytes_per_token"], 3)})
+        if "kernel_ms" in run:
+            rows[-1]["kernel_ms"] = run["kernel_ms"]
     return rows
 
 
@@ -216,6 +268,23 @@ def print_table(rows, args, device, dtype):
               f"{r['peak_mem_mb']:>8.0f} {r['ratio_to_gpt']:>7.3f} {r['mem_ratio_to_gpt']:>9.3f} {r['kv_ratio_to_gpt']:>8.3f}")
 
 
+def print_kernel_times(rows, markdown):
+    """--profile's table: each model's kernel time per step by kind, in ms and as a share of its total."""
+    kinds = list(rows[0]["kernel_ms"])
+    cells = lambda r: [f"{r['kernel_ms'][k]:.1f} ({100 * r['kernel_ms'][k] / max(r['kernel_ms']['total'], 1e-9):.0f}%)"  # noqa: E731
+                       if k != "total" else f"{r['kernel_ms'][k]:.1f}" for k in kinds]
+    print("\nwhere the time goes: kernel ms per step (share of the model's total)")
+    if markdown:
+        print(f"\n| model | {' | '.join(kinds)} | × gpt's total |\n|---|{'---:|' * (len(kinds) + 1)}")
+        for r in rows:
+            print(f"| `{r['model']}` | {' | '.join(cells(r))} | {r['kernel_ms']['total'] / rows[0]['kernel_ms']['total']:.2f} |")
+        return
+    print(f"{'model':<28} " + " ".join(f"{k:>14}" for k in kinds) + f" {'× gpt':>7}")
+    for r in rows:
+        print(f"{r['model']:<28} " + " ".join(f"{c:>14}" for c in cells(r))
+              + f" {r['kernel_ms']['total'] / rows[0]['kernel_ms']['total']:>7.2f}")
+
+
 def main():
     args = parse_args()
     if args.memory_probe:
@@ -229,12 +298,16 @@ def main():
         specs.insert(0, "gpt")
     runs = time_steps(specs, args, device)
     measure_memory(runs, args, device)
+    if args.profile:
+        profile_steps(runs, args, device, args.profile)
     dtype = str(step_dtype(device, args.dtype)).removeprefix("torch.")
     rows = result_rows(runs, args, peak_flops(device_name(device), dtype, args.peak_flops))
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         print_table(rows, args, device, dtype)
+        if args.profile:
+            print_kernel_times(rows, args.markdown)
 
 
 if __name__ == "__main__":

@@ -59,3 +59,28 @@ def test_bench_bad_spec_is_a_one_line_error():
                         ("dca:dca_qkv=flase", "not a valid bool")]:
         out = bench(f"--models={spec}")
         assert out.returncode != 0 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_bench_profile_sorts_the_time_by_kind_and_writes_each_models_top_kernels(tmp_path):
+    out = bench("--models=gpt,dca", "--json", f"--profile={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    for r in rows:
+        kinds = r["kernel_ms"]
+        assert set(kinds) == {"attention", "matmul", "fused", "other", "total"}
+        assert kinds["matmul"] > 0 and abs(sum(v for k, v in kinds.items() if k != "total") - kinds["total"]) < 0.05
+        assert (tmp_path / f"{r['model']}.txt").read_text().startswith(f"{r['model']}: ms per step of CPU ops")
+    table = bench("--models=gpt", "--markdown", f"--profile={tmp_path}").stdout
+    assert "where the time goes" in table and table.count("| `gpt` |") == 2
+
+
+def test_kernel_kinds_of_cuda_kernel_and_cpu_op_names():
+    sys.path.insert(0, str(ROOT))
+    from bench import kernel_kind
+    for name, kind in [("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+                       ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "matmul"), ("triton_tem_fused_mm_3", "matmul"),
+                       ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+                       ("fmha_cutlassB_f32_aligned_64x64_k64_sm80", "attention"), ("aten::mm", "matmul"),
+                       ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "fused"), ("aten::add_", "other"),
+                       ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"), ("aten::addmm", "matmul")]:
+        assert kernel_kind(name) == kind, name

@@ -22,7 +22,10 @@ def test_gpu_script_runs_every_step_on_the_cpu_and_reports_from_its_logs(tmp_pat
         assert run["loss_falls"] and run["resumed"] and run["sampled"]
     assert [row["model"] for row in summary["bench"]["tiny"]] == ["gpt", "dca:dca_k=2"]
     assert summary["explain"]["gpt"]["graph_breaks"] == 0
-    assert (out / "logs.tar.gz").stat().st_size > 0 and summary["profiles"]
+    assert (out / "logs.tar.gz").stat().st_size > 0
+    assert summary["profiles"] == ["profile-tiny/dca-dca_k-2.txt", "profile-tiny/gpt.txt"]
+    table = (out / "table.md").read_text()
+    assert "where the time goes" in table and "| `dca:dca_k=2` | " in table.split("where the time goes")[1]
     # the report again, from the logs alone
     again = subprocess.run([sys.executable, "tests/gpu/run.py", f"--report={out / 'logs'}", str(tmp_path / "again")],
                            cwd=ROOT, capture_output=True, text=True)
