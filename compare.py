@@ -661,10 +661,15 @@ def machines_note(summary):
             f"run's curve diverge early (like another seed's), so pair rows from one machine.")
 
 
+def recorded_data(summary):
+    """({dataset: its runs}, the datasets that runs recorded) of a grid's summary."""
+    found = summary.get("datasets") or {}
+    return found, [d for d in found if d != UNRECORDED]
+
+
 def data_note(summary):
     """' Data: X (all 12 runs).', which runs recorded what, or a warning where they saw different data."""
-    found = summary.get("datasets") or {}
-    recorded = [d for d in found if d != UNRECORDED]
+    found, recorded = recorded_data(summary)
     if not recorded:
         return ""
     if len(recorded) > 1:
@@ -675,8 +680,7 @@ def data_note(summary):
 
 def data_in_brief(summary):
     """'; data X' for --across's line of a grid: its one recorded dataset, or a warning."""
-    found = summary.get("datasets") or {}
-    recorded = [d for d in found if d != UNRECORDED]
+    found, recorded = recorded_data(summary)
     if len(recorded) > 1:
         return f"; **on {len(recorded)} datasets** (see its table)"
     return "".join(f"; data {d}" + (" (not recorded by every run)" if len(found) > 1 else "") for d in recorded)
