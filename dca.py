@@ -75,6 +75,7 @@ class DCAConfig(gpt.GPTConfig):
     grn_relu_bias: bool = False  # relu(b + w·n(s)) instead of b + relu(w·n(s))
     grn_weight_decay: bool = False   # decay GRN b and w (the paper's Flax recipe decays everything)
     gate_grad_at_zero: float = 1.0   # d relu/dz at z = 0: 1 ours, 0 torch/jax relu, 0.5 jnp.maximum
+    grn_kernel: bool = False     # the GRN sums as one custom op: fused Triton kernels on CUDA (dca_kernels.py)
 
     def validate(self):
         super().validate()
@@ -129,20 +130,7 @@ class StackSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         b, r, *stack = ctx.saved_tensors
-        grad_b = torch.empty_like(b)
-        grad_r = None if r is None else torch.empty_like(r)
-        coef, g_s = torch.empty_like(stack[0]), torch.empty_like(stack[0])
-        grad_stack = []
-        for i, s in enumerate(stack):
-            for j, g in enumerate(grads):
-                torch.mul(g, s, out=g_s)
-                grad_b[j, i] = g_s.sum_to_size(b[j, i].shape)
-                if r is not None:
-                    grad_r[i, ..., j] = g_s.sum(-1)
-                c = StackSum.coefficient(b, r, j, i, coef)
-                grad_s = g * c if j == 0 else grad_s.addcmul_(g, c)
-            grad_stack.append(grad_s)
-        return grad_b, grad_r, *grad_stack
+        return weighted_sums_backward(grads, b, r, stack)
 
     @staticmethod
     def coefficient(b, r, j, i, out):
@@ -152,21 +140,49 @@ class StackSum(torch.autograd.Function):
         return torch.add(b[j, i], r[i, ..., j:j + 1], out=out)        # (B, T, d)
 
 
-def stack_sum(b, r, stack):
-    """StackSum in eager training; plain sums under torch.no_grad (evaluation, sampling: no
+def weighted_sums(b, r, stack):
+    """StackSum's outs as plain tensor expressions (autograd's own backward)."""
+    outs = []
+    for j in range(b.size(0)):
+        terms = [s * (b[j, i] if r is None else b[j, i] + r[i, ..., j:j + 1]) for i, s in enumerate(stack)]
+        outs.append(sum(terms[1:], terms[0]))
+    return outs
+
+
+def weighted_sums_backward(grads, b, r, stack):
+    """StackSum's gradients (d/db, d/dr or None, d/ds_i for each entry) from grads = d/d(outs),
+    with scratch buffers reused: no (B, T, d) tensor per (sum, entry) pair."""
+    grad_b = torch.empty_like(b)
+    grad_r = None if r is None else torch.empty_like(r)
+    coef, g_s = torch.empty_like(stack[0]), torch.empty_like(stack[0])
+    grad_stack = []
+    for i, s in enumerate(stack):
+        for j, g in enumerate(grads):
+            torch.mul(g, s, out=g_s)
+            grad_b[j, i] = g_s.sum_to_size(b[j, i].shape)
+            if r is not None:
+                grad_r[i, ..., j] = g_s.sum(-1)
+            c = StackSum.coefficient(b, r, j, i, coef)
+            grad_s = g * c if j == 0 else grad_s.addcmul_(g, c)
+        grad_stack.append(grad_s)
+    return grad_b, grad_r, *grad_stack
+
+
+def stack_sum(b, r, stack, kernel=False):
+    """kernel (grn_kernel): the custom op of dca_kernels.py, fused Triton kernels on CUDA, always.
+    Else StackSum in eager training; plain sums under torch.no_grad (evaluation, sampling: no
     backward to save memory for) and under torch.compile, whose inductor fuses each weighted sum
     into one kernel and whose partitioner recomputes the coefficients b + r in the backward
     rather than keeping them. The two compute the same numbers. The custom Function is kept out
     of compiled graphs because torch 2.11's Dynamo got it wrong on CUDA: under no_grad it failed
     ('Parameter' object has no attribute 'save_for_backward', H200), and with a backward it trained
     to a val loss of 3.41 where gpt reached 1.79 (H100, bf16; results/gpu/h100-2026-11-26)."""
+    if kernel:
+        import dca_kernels
+        return dca_kernels.stack_sum(b, r, list(stack)).unbind(0)
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         return StackSum.apply(b, r, *stack)
-    outs = []
-    for j in range(b.size(0)):
-        terms = [s * (b[j, i] if r is None else b[j, i] + r[i, ..., j:j + 1]) for i, s in enumerate(stack)]
-        outs.append(sum(terms[1:], terms[0]))
-    return tuple(outs)
+    return weighted_sums(b, r, stack)
 
 
 class GRN(nn.Module):
@@ -180,6 +196,7 @@ class GRN(nn.Module):
         d = config.n_embd
         self.version, self.relu_bias = config.grn, config.grn_relu_bias
         self.grad_at_zero = config.gate_grad_at_zero
+        self.kernel = config.grn_kernel
         self.b = nn.Parameter(torch.ones(n_out, n_entries) if config.grn == "v1"
                               else torch.ones(n_out, n_entries, d))
         if config.grn == "v3":
@@ -205,11 +222,11 @@ class GRN(nn.Module):
         w·n(s_i) for these n_out GRNs (B, T, n_out). Returns n_out tensors (B, T, d)."""
         entries = [s for s, _ in stack]
         if self.version != "v3":                                     # v1, v2: sum_i b_i s_i
-            return stack_sum(self.b, None, entries)
+            return stack_sum(self.b, None, entries, self.kernel)
         z = torch.stack([z for _, z in stack])                       # (m, B, T, n_out)
         relu = gate_relu if self.grad_at_zero == 1 else lambda x: relu_with_grad_at_zero(x, self.grad_at_zero)
         if not self.relu_bias:                                       # sum_i s_i ⊙ (b_i + relu(z_i))
-            return stack_sum(self.b, relu(z), entries)
+            return stack_sum(self.b, relu(z), entries, self.kernel)
         outs = []                                                    # sum_i s_i ⊙ relu(b_i + z_i)
         for j in range(self.b.size(0)):                              # (plain autograd: an ablation)
             terms = [s * relu(self.b[j, i] + z[i, ..., j:j + 1]) for i, s in enumerate(entries)]

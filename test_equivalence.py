@@ -729,7 +729,10 @@ def check_efficient_equals_naive(label, model, naive_logits):
 NAIVE_CASES = [{"grn": v, "dca_k": k} for v in ("v1", "v2") for k in (0, 1, 2)] + [
     {"dca_k": k, "grn_relu_bias": relu_bias, "grn_norm": norm}
     for k in (0, 1, 2) for relu_bias in (False, True) for norm in (True, False)] + [
-    {"dca_qkv": False}, {"dca_qkv": False, "dca_k": 1, "grn_relu_bias": True}]
+    {"dca_qkv": False}, {"dca_qkv": False, "dca_k": 1, "grn_relu_bias": True}] + [
+    # the GRN sums as dca_kernels.py's custom op (on CUDA its Triton kernels, here its torch path)
+    {"grn_kernel": True}, {"grn_kernel": True, "dca_k": 2}, {"grn_kernel": True, "grn": "v1"},
+    {"grn_kernel": True, "grn": "v2", "dca_k": 1}, {"grn_kernel": True, "dca_qkv": False}]
 
 
 @pytest.mark.parametrize("overrides", NAIVE_CASES, ids=str)

@@ -71,11 +71,12 @@ MODES = {
 
 
 def model_specs():
-    """Every registered model at its defaults and k-DCA with k = 2. (DCMHA's other Compose forms
+    """Every registered model at its defaults, k-DCA with k = 2, and both DCA's with their GRN sums in
+    dca_kernels.py's Triton kernels (grn_kernel: faster than inductor's plain sums?). (DCMHA's other Compose forms
     were timed once each and ruled out: dc_compose=factors 6.9x gpt's step on an H100 against the
     matmuls' 1.9x, dc_compose=folded 6.8x against 2.4x on an H200; both stay in the equivalence suite.)"""
     import gpt
-    return list(gpt.all_models()) + ["dca:dca_k=2"]
+    return list(gpt.all_models()) + ["dca:dca_k=2", "dca:grn_kernel=true", "dca:dca_k=2;grn_kernel=true"]
 
 
 def bench_spec(mode, shape_name, spec):
