@@ -16,6 +16,7 @@ before this module is imported, it runs the kernels in Triton's interpreter on t
 the kernels without a GPU (tests/test_dca_kernels.py).
 """
 
+import functools
 import os
 
 import torch
@@ -27,7 +28,7 @@ except ImportError:  # no Triton (a CPU-only torch): the op computes with torch
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK_N, BLOCK_D = 32, 128  # rows (tokens) x columns (features) per program
+BLOCK_N, BLOCK_D, NUM_WARPS = 32, 128, 16  # rows (tokens) x columns (features) per program; 8 values a thread
 
 
 def use_kernels(x):
@@ -38,16 +39,6 @@ def use_kernels(x):
 # the kernels: program (row block, column block) of the (N, D) entries, N = B * T
 
 if triton is not None:
-    @triton.jit
-    def load_entry(table, i, M, offs, mask, DTYPE_A: tl.constexpr, DTYPE_B: tl.constexpr, ACC: tl.constexpr):
-        """Entry i's tile: table[i] is its address, table[M + i] says which of the two dtypes it has."""
-        address = tl.load(table + i)
-        if tl.load(table + M + i) == 0:
-            x = tl.load(address.to(tl.pointer_type(DTYPE_A)) + offs, mask=mask, other=0.0).to(ACC)
-        else:
-            x = tl.load(address.to(tl.pointer_type(DTYPE_B)) + offs, mask=mask, other=0.0).to(ACC)
-        return x
-
     @triton.jit
     def coefficient(b_ptr, r_ptr, i, j, rows, cols, row_mask, col_mask, N, D, M,
                     N_OUT: tl.constexpr, HAS_GATES: tl.constexpr, B_SCALAR: tl.constexpr, ACC: tl.constexpr):
@@ -62,26 +53,40 @@ if triton is not None:
         return c
 
     @triton.jit
-    def stack_sum_kernel(table, b_ptr, r_ptr, out_ptr, N, D, M,
+    def add_entry(acc0, acc1, acc2, s, i, b_ptr, r_ptr, rows, cols, row_mask, col_mask, N, D, M,
+                  N_OUT: tl.constexpr, HAS_GATES: tl.constexpr, B_SCALAR: tl.constexpr, ACC: tl.constexpr):
+        """acc_j += s_i * (b[j, i] + r[i, :, j]) for the N_OUT (at most 3) sums."""
+        acc0 += s * coefficient(b_ptr, r_ptr, i, 0, rows, cols, row_mask, col_mask, N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
+        if N_OUT > 1:
+            acc1 += s * coefficient(b_ptr, r_ptr, i, 1, rows, cols, row_mask, col_mask, N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
+        if N_OUT > 2:
+            acc2 += s * coefficient(b_ptr, r_ptr, i, 2, rows, cols, row_mask, col_mask, N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
+        return acc0, acc1, acc2
+
+    @triton.jit
+    def stack_sum_kernel(first_ptr, rest_table, b_ptr, r_ptr, out_ptr, N, D, M,
                          N_OUT: tl.constexpr, HAS_GATES: tl.constexpr, B_SCALAR: tl.constexpr,
-                         DTYPE_A: tl.constexpr, DTYPE_B: tl.constexpr, ACC: tl.constexpr,
+                         REST: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out[j] = sum_i s_i * (b[j, i] + r[i, :, j]) for j < N_OUT (at most 3), each entry read once."""
+        """out[j] = sum_i s_i * (b[j, i] + r[i, :, j]), each entry read once: s_0 (the embedding, or
+        the first entry, in its own dtype) from first_ptr, s_1 ... s_{M-1} (dtype REST) from the
+        addresses in rest_table."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         row_mask, col_mask = rows < N, cols < D
         mask = row_mask[:, None] & col_mask[None, :]
-        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]                       # (BLOCK_N, BLOCK_D)
+        offs = rows.to(INDEX)[:, None] * D + cols[None, :]                          # (BLOCK_N, BLOCK_D)
         acc0 = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
         acc1 = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
         acc2 = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
-        for i in range(M):
-            s = load_entry(table, i, M, offs, mask, DTYPE_A, DTYPE_B, ACC)
-            acc0 += s * coefficient(b_ptr, r_ptr, i, 0, rows, cols, row_mask, col_mask, N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
-            if N_OUT > 1:
-                acc1 += s * coefficient(b_ptr, r_ptr, i, 1, rows, cols, row_mask, col_mask, N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
-            if N_OUT > 2:
-                acc2 += s * coefficient(b_ptr, r_ptr, i, 2, rows, cols, row_mask, col_mask, N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
+        s = tl.load(first_ptr + offs, mask=mask, other=0.0).to(ACC)
+        acc0, acc1, acc2 = add_entry(acc0, acc1, acc2, s, 0, b_ptr, r_ptr, rows, cols, row_mask, col_mask, N, D, M,
+                                     N_OUT, HAS_GATES, B_SCALAR, ACC)
+        for i in range(1, M):
+            entry = tl.load(rest_table + i - 1).to(tl.pointer_type(REST))
+            s = tl.load(entry + offs, mask=mask, other=0.0).to(ACC)
+            acc0, acc1, acc2 = add_entry(acc0, acc1, acc2, s, i, b_ptr, r_ptr, rows, cols, row_mask, col_mask, N, D, M,
+                                         N_OUT, HAS_GATES, B_SCALAR, ACC)
         out_ty = out_ptr.dtype.element_ty
         tl.store(out_ptr + offs, acc0.to(out_ty), mask=mask)
         if N_OUT > 1:
@@ -95,80 +100,88 @@ if triton is not None:
         """This program's parts of d/dr[i, rows, j] (a sum over its columns) and of d/db[j, i]
         (a sum over its rows), both of g_j * s_i."""
         gs = g * s
-        n_col_blocks = tl.num_programs(1)
         if HAS_GATES:  # part_r: (column blocks, M, N, N_OUT)
             tl.store(part_r_ptr + ((tl.program_id(1) * M + i) * N + rows) * N_OUT + j, tl.sum(gs, axis=1), mask=row_mask)
         if B_SCALAR:   # part_b: (row blocks, N_OUT, M, column blocks)
-            tl.store(part_b_ptr + ((tl.program_id(0) * N_OUT + j) * M + i) * n_col_blocks + tl.program_id(1), tl.sum(tl.sum(gs, axis=1), axis=0))
+            tl.store(part_b_ptr + ((tl.program_id(0) * N_OUT + j) * M + i) * tl.num_programs(1) + tl.program_id(1),
+                     tl.sum(tl.sum(gs, axis=1), axis=0))
         else:          # part_b: (row blocks, N_OUT, M, D)
             tl.store(part_b_ptr + ((tl.program_id(0) * N_OUT + j) * M + i) * D + cols, tl.sum(gs, axis=0), mask=col_mask)
 
     @triton.jit
-    def stack_sum_backward_kernel(table, grad_table, g_ptr, b_ptr, r_ptr, part_r_ptr, part_b_ptr, N, D, M,
+    def entry_gradient(g0, g1, g2, s, i, b_ptr, r_ptr, part_r_ptr, part_b_ptr, rows, cols, row_mask, col_mask, N, D, M,
+                       N_OUT: tl.constexpr, HAS_GATES: tl.constexpr, B_SCALAR: tl.constexpr, ACC: tl.constexpr):
+        """d/ds_i = sum_j g_j * (b[j, i] + r[i, :, j]); stores the parts of d/dr and d/db on the way."""
+        grad = g0 * coefficient(b_ptr, r_ptr, i, 0, rows, cols, row_mask, col_mask, N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
+        gradient_parts(g0, s, i, 0, rows, cols, row_mask, col_mask, part_r_ptr, part_b_ptr, N, D, M, N_OUT, HAS_GATES, B_SCALAR)
+        if N_OUT > 1:
+            grad += g1 * coefficient(b_ptr, r_ptr, i, 1, rows, cols, row_mask, col_mask, N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
+            gradient_parts(g1, s, i, 1, rows, cols, row_mask, col_mask, part_r_ptr, part_b_ptr, N, D, M, N_OUT, HAS_GATES, B_SCALAR)
+        if N_OUT > 2:
+            grad += g2 * coefficient(b_ptr, r_ptr, i, 2, rows, cols, row_mask, col_mask, N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
+            gradient_parts(g2, s, i, 2, rows, cols, row_mask, col_mask, part_r_ptr, part_b_ptr, N, D, M, N_OUT, HAS_GATES, B_SCALAR)
+        return grad
+
+    @triton.jit
+    def stack_sum_backward_kernel(first_ptr, rest_table, grad_first_ptr, grad_rest_table, g_ptr, b_ptr, r_ptr,
+                                  part_r_ptr, part_b_ptr, N, D, M,
                                   N_OUT: tl.constexpr, HAS_GATES: tl.constexpr, B_SCALAR: tl.constexpr,
-                                  DTYPE_A: tl.constexpr, DTYPE_B: tl.constexpr, ACC: tl.constexpr,
+                                  REST: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
                                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """d/ds_i = sum_j g_j * (b[j, i] + r[i, :, j]) into entry i's gradient (its dtype), and the
-        parts of d/dr and d/db: the incoming gradients g_j are read once, each entry once."""
+        """Each entry's gradient (in its dtype) and the parts of d/dr and d/db; the incoming
+        gradients g_j are read once, each entry once."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         row_mask, col_mask = rows < N, cols < D
         mask = row_mask[:, None] & col_mask[None, :]
-        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]                       # (BLOCK_N, BLOCK_D)
+        offs = rows.to(INDEX)[:, None] * D + cols[None, :]                          # (BLOCK_N, BLOCK_D)
         g0 = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
         g1, g2 = g0, g0
         if N_OUT > 1:
             g1 = tl.load(g_ptr + N * D + offs, mask=mask, other=0.0).to(ACC)
         if N_OUT > 2:
             g2 = tl.load(g_ptr + 2 * N * D + offs, mask=mask, other=0.0).to(ACC)
-        for i in range(M):
-            s = load_entry(table, i, M, offs, mask, DTYPE_A, DTYPE_B, ACC)
-            grad = g0 * coefficient(b_ptr, r_ptr, i, 0, rows, cols, row_mask, col_mask, N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
-            gradient_parts(g0, s, i, 0, rows, cols, row_mask, col_mask, part_r_ptr, part_b_ptr, N, D, M, N_OUT, HAS_GATES, B_SCALAR)
-            if N_OUT > 1:
-                grad += g1 * coefficient(b_ptr, r_ptr, i, 1, rows, cols, row_mask, col_mask, N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
-                gradient_parts(g1, s, i, 1, rows, cols, row_mask, col_mask, part_r_ptr, part_b_ptr, N, D, M, N_OUT, HAS_GATES, B_SCALAR)
-            if N_OUT > 2:
-                grad += g2 * coefficient(b_ptr, r_ptr, i, 2, rows, cols, row_mask, col_mask, N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
-                gradient_parts(g2, s, i, 2, rows, cols, row_mask, col_mask, part_r_ptr, part_b_ptr, N, D, M, N_OUT, HAS_GATES, B_SCALAR)
-            address = tl.load(grad_table + i)
-            if tl.load(table + M + i) == 0:
-                tl.store(address.to(tl.pointer_type(DTYPE_A)) + offs, grad.to(DTYPE_A), mask=mask)
-            else:
-                tl.store(address.to(tl.pointer_type(DTYPE_B)) + offs, grad.to(DTYPE_B), mask=mask)
+        s = tl.load(first_ptr + offs, mask=mask, other=0.0).to(ACC)
+        grad = entry_gradient(g0, g1, g2, s, 0, b_ptr, r_ptr, part_r_ptr, part_b_ptr, rows, cols, row_mask, col_mask,
+                              N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
+        tl.store(grad_first_ptr + offs, grad.to(grad_first_ptr.dtype.element_ty), mask=mask)
+        for i in range(1, M):
+            s = tl.load(tl.load(rest_table + i - 1).to(tl.pointer_type(REST)) + offs, mask=mask, other=0.0).to(ACC)
+            grad = entry_gradient(g0, g1, g2, s, i, b_ptr, r_ptr, part_r_ptr, part_b_ptr, rows, cols, row_mask, col_mask,
+                                  N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
+            tl.store(tl.load(grad_rest_table + i - 1).to(tl.pointer_type(REST)) + offs, grad.to(REST), mask=mask)
 
 
 TRITON_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
 
-def address_table(tensors, kinds, device):
-    """[addresses..., dtype kinds...] as one int64 tensor on the device, copied without a sync."""
-    table = torch.tensor([t.data_ptr() for t in tensors] + kinds, dtype=torch.int64)
+def address_table(tensors, device):
+    """The tensors' addresses as one int64 tensor on the device (at least one entry), copied without a sync."""
+    table = torch.tensor([t.data_ptr() for t in tensors] or [0], dtype=torch.int64)
     if device.type == "cuda":
         return table.pin_memory().to(device, non_blocking=True)
     return table
 
 
 def launch(kernel, b, r, stack, *args):
-    """Kernel over the (N, D) entries of stack; its leading arguments args. Returns the grid."""
-    dtypes = list(dict.fromkeys(s.dtype for s in stack))  # at most two: the embedding's and the blocks'
-    if len(dtypes) > 2:
-        raise ValueError(f"the GRN kernel takes stack entries of at most two dtypes, got {dtypes}")
-    kinds = [dtypes.index(s.dtype) for s in stack]
-    wide = torch.float64 in dtypes or b.dtype == torch.float64
-    N, D = stack[0].numel() // stack[0].size(-1), stack[0].size(-1)
+    """kernel over the (N, D) entries of stack: (first entry, the others' addresses, *args, N, D, M)."""
+    first, rest = stack[0], stack[1:]
+    N, D = first.numel() // first.size(-1), first.size(-1)
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))
-    table = address_table(stack, kinds, stack[0].device)
-    kernel[grid](table, *args, N, D, len(stack), N_OUT=b.size(0), HAS_GATES=r is not None, B_SCALAR=b.dim() == 2,
-                 DTYPE_A=getattr(tl, TRITON_DTYPES[dtypes[0]]), DTYPE_B=getattr(tl, TRITON_DTYPES[dtypes[-1]]),
-                 ACC=tl.float64 if wide else tl.float32, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=8)
-    return grid
+    wide = torch.float64 in (b.dtype, *(s.dtype for s in stack))
+    kernel[grid](first, address_table(rest, first.device), *args, N, D, len(stack),
+                 N_OUT=b.size(0), HAS_GATES=r is not None, B_SCALAR=b.dim() == 2,
+                 REST=getattr(tl, TRITON_DTYPES[(rest or stack)[0].dtype]), ACC=tl.float64 if wide else tl.float32,
+                 INDEX=tl.int32 if 3 * N * D < 2**31 else tl.int64, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
 
 
 def check_inputs(b, r, stack):
+    """Contiguous inputs; the entries after the first in one dtype (in DCA they are: the blocks' outputs)."""
     if b.size(0) > 3:
         raise ValueError(f"the GRN kernel makes at most 3 sums at once, got {b.size(0)}")
-    return b.contiguous(), None if r is None else r.contiguous(), [s.contiguous() for s in stack]
+    rest_dtype = functools.reduce(torch.promote_types, [s.dtype for s in stack[1:]], stack[-1].dtype)
+    stack = [stack[0].contiguous()] + [s.to(rest_dtype).contiguous() for s in stack[1:]]
+    return b.contiguous(), None if r is None else r.contiguous(), stack
 
 
 def out_dtype(b, r, stack):
@@ -206,6 +219,7 @@ def stack_sum_backward(grad: torch.Tensor, b: torch.Tensor, r: torch.Tensor | No
         import dca
         grad_b, grad_r, *grad_stack = dca.weighted_sums_backward(grad.unbind(0), b, r, stack)
         return [grad_b, b.new_empty(0) if grad_r is None else grad_r, *(g.to(s.dtype) for g, s in zip(grad_stack, stack))]
+    dtypes = [s.dtype for s in stack]
     b, r, stack = check_inputs(b, r, stack)
     grad = grad.contiguous()
     m, n_out, D = len(stack), b.size(0), stack[0].size(-1)
@@ -215,12 +229,12 @@ def stack_sum_backward(grad: torch.Tensor, b: torch.Tensor, r: torch.Tensor | No
     part_r = torch.empty(n_cols, m, N, n_out, dtype=wide, device=grad.device) if r is not None else grad.new_empty(1, dtype=wide)
     part_b = torch.empty(n_rows, n_out, m, n_cols if b.dim() == 2 else D, dtype=wide, device=grad.device)
     grad_stack = [torch.empty_like(s) for s in stack]
-    grad_table = address_table(grad_stack, [], grad.device)
-    launch(stack_sum_backward_kernel, b, r, stack, grad_table, grad, b, r if r is not None else b, part_r, part_b)
+    launch(stack_sum_backward_kernel, b, r, stack, grad_stack[0], address_table(grad_stack[1:], grad.device),
+           grad, b, r if r is not None else b, part_r, part_b)
     grad_b = part_b.sum(0)
     grad_b = (grad_b.sum(-1) if b.dim() == 2 else grad_b).to(b.dtype)
     grad_r = part_r.sum(0).view(r.shape).to(r.dtype) if r is not None else b.new_empty(0)
-    return [grad_b, grad_r, *grad_stack]
+    return [grad_b, grad_r, *(g.to(dtype) for g, dtype in zip(grad_stack, dtypes))]
 
 
 @stack_sum_backward.register_fake
