@@ -66,7 +66,7 @@ if triton is not None:
     @triton.jit
     def stack_sum_kernel(first_ptr, rest_table, b_ptr, r_ptr, out_ptr, N, D, M,
                          N_OUT: tl.constexpr, HAS_GATES: tl.constexpr, B_SCALAR: tl.constexpr,
-                         REST: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
+                         REST: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """out[j] = sum_i s_i * (b[j, i] + r[i, :, j]), each entry read once: s_0 (the embedding, or
         the first entry, in its own dtype) from first_ptr, s_1 ... s_{M-1} (dtype REST) from the
@@ -75,7 +75,7 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         row_mask, col_mask = rows < N, cols < D
         mask = row_mask[:, None] & col_mask[None, :]
-        offs = rows.to(INDEX)[:, None] * D + cols[None, :]                          # (BLOCK_N, BLOCK_D)
+        offs = rows[:, None] * D + cols[None, :]                                    # (BLOCK_N, BLOCK_D)
         acc0 = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
         acc1 = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
         acc2 = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
@@ -83,8 +83,8 @@ if triton is not None:
         acc0, acc1, acc2 = add_entry(acc0, acc1, acc2, s, 0, b_ptr, r_ptr, rows, cols, row_mask, col_mask, N, D, M,
                                      N_OUT, HAS_GATES, B_SCALAR, ACC)
         for i in range(1, M):
-            entry = tl.load(rest_table + i - 1).to(tl.pointer_type(REST))
-            s = tl.load(entry + offs, mask=mask, other=0.0).to(ACC)
+            entry = tl.multiple_of(tl.load(rest_table + i - 1).to(tl.pointer_type(REST)), 16)  # 16-byte aligned:
+            s = tl.load(entry + offs, mask=mask, other=0.0).to(ACC)                            # vector loads
             acc0, acc1, acc2 = add_entry(acc0, acc1, acc2, s, i, b_ptr, r_ptr, rows, cols, row_mask, col_mask, N, D, M,
                                          N_OUT, HAS_GATES, B_SCALAR, ACC)
         out_ty = out_ptr.dtype.element_ty
@@ -126,7 +126,7 @@ if triton is not None:
     def stack_sum_backward_kernel(first_ptr, rest_table, grad_first_ptr, grad_rest_table, g_ptr, b_ptr, r_ptr,
                                   part_r_ptr, part_b_ptr, N, D, M,
                                   N_OUT: tl.constexpr, HAS_GATES: tl.constexpr, B_SCALAR: tl.constexpr,
-                                  REST: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
+                                  REST: tl.constexpr, ACC: tl.constexpr,
                                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """Each entry's gradient (in its dtype) and the parts of d/dr and d/db; the incoming
         gradients g_j are read once, each entry once."""
@@ -134,7 +134,7 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         row_mask, col_mask = rows < N, cols < D
         mask = row_mask[:, None] & col_mask[None, :]
-        offs = rows.to(INDEX)[:, None] * D + cols[None, :]                          # (BLOCK_N, BLOCK_D)
+        offs = rows[:, None] * D + cols[None, :]                                    # (BLOCK_N, BLOCK_D)
         g0 = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
         g1, g2 = g0, g0
         if N_OUT > 1:
@@ -146,17 +146,21 @@ if triton is not None:
                               N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
         tl.store(grad_first_ptr + offs, grad.to(grad_first_ptr.dtype.element_ty), mask=mask)
         for i in range(1, M):
-            s = tl.load(tl.load(rest_table + i - 1).to(tl.pointer_type(REST)) + offs, mask=mask, other=0.0).to(ACC)
+            entry = tl.multiple_of(tl.load(rest_table + i - 1).to(tl.pointer_type(REST)), 16)
+            s = tl.load(entry + offs, mask=mask, other=0.0).to(ACC)
             grad = entry_gradient(g0, g1, g2, s, i, b_ptr, r_ptr, part_r_ptr, part_b_ptr, rows, cols, row_mask, col_mask,
                                   N, D, M, N_OUT, HAS_GATES, B_SCALAR, ACC)
-            tl.store(tl.load(grad_rest_table + i - 1).to(tl.pointer_type(REST)) + offs, grad.to(REST), mask=mask)
+            grad_entry = tl.multiple_of(tl.load(grad_rest_table + i - 1).to(tl.pointer_type(REST)), 16)
+            tl.store(grad_entry + offs, grad.to(REST), mask=mask)
 
 
 TRITON_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
 
 def address_table(tensors, device):
-    """The tensors' addresses as one int64 tensor on the device (at least one entry), copied without a sync."""
+    """The tensors' addresses as one int64 tensor on the device (at least one entry), copied without a
+    sync. The kernels take them as 16-byte aligned (vector loads): check_inputs makes sure."""
+    assert all(t.data_ptr() % 16 == 0 for t in tensors)
     table = torch.tensor([t.data_ptr() for t in tensors] or [0], dtype=torch.int64)
     if device.type == "cuda":
         return table.pin_memory().to(device, non_blocking=True)
@@ -172,16 +176,23 @@ def launch(kernel, b, r, stack, *args):
     kernel[grid](first, address_table(rest, first.device), *args, N, D, len(stack),
                  N_OUT=b.size(0), HAS_GATES=r is not None, B_SCALAR=b.dim() == 2,
                  REST=getattr(tl, TRITON_DTYPES[(rest or stack)[0].dtype]), ACC=tl.float64 if wide else tl.float32,
-                 INDEX=tl.int32 if 3 * N * D < 2**31 else tl.int64, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+                 BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
 
 
 def check_inputs(b, r, stack):
-    """Contiguous inputs; the entries after the first in one dtype (in DCA they are: the blocks' outputs)."""
-    if b.size(0) > 3:
-        raise ValueError(f"the GRN kernel makes at most 3 sums at once, got {b.size(0)}")
+    """Contiguous inputs; the entries after the first in one dtype (in DCA they are: the blocks'
+    outputs) and 16-byte aligned (a view into a tensor may not be: copied)."""
+    n_out, m, D = b.size(0), len(stack), stack[0].size(-1)
+    N = stack[0].numel() // D
+    if n_out > 3:
+        raise ValueError(f"the GRN kernel makes at most 3 sums at once, got {n_out}")
+    if 3 * N * D >= 2**31 or triton.cdiv(N, BLOCK_N) * n_out * m * D >= 2**31:  # the kernels index with int32
+        raise ValueError(f"the GRN kernel takes at most 2**31 / 3 values an entry and 2**31 partial sums, got "
+                         f"{N} x {D} with {m} entries: use a smaller batch, or grn_kernel=false")
     rest_dtype = functools.reduce(torch.promote_types, [s.dtype for s in stack[1:]], stack[-1].dtype)
-    stack = [stack[0].contiguous()] + [s.to(rest_dtype).contiguous() for s in stack[1:]]
-    return b.contiguous(), None if r is None else r.contiguous(), stack
+    rest = [s.to(rest_dtype).contiguous() for s in stack[1:]]
+    rest = [s if s.data_ptr() % 16 == 0 else s.clone() for s in rest]
+    return b.contiguous(), None if r is None else r.contiguous(), [stack[0].contiguous()] + rest
 
 
 def out_dtype(b, r, stack):
@@ -199,7 +210,7 @@ def stack_sum(b: torch.Tensor, r: torch.Tensor | None, stack: list[torch.Tensor]
     """(n_out, *entry shape): the n_out weighted sums of the stack."""
     if not use_kernels(stack[0]):
         import dca
-        return torch.stack(dca.weighted_sums(b, r, stack))
+        return torch.stack(dca.weighted_sums(b, r, stack)).to(out_dtype(b, r, stack))
     b, r, stack = check_inputs(b, r, stack)
     out = torch.empty(b.size(0), *stack[0].shape, dtype=out_dtype(b, r, stack), device=stack[0].device)
     launch(stack_sum_kernel, b, r, stack, b, r if r is not None else b, out)
