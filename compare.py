@@ -202,6 +202,18 @@ def run_environment(jobs):
     return env
 
 
+def remove_unfinished(out_dir):
+    """Remove a run's folder that holds no checkpoint, to train it again from scratch, unless a live
+    train.py holds its lock (a compare.py stopped mid-grid leaves its train.py runs going, and a
+    new run into the removed folder would take a new lock): -> None, or why not."""
+    import train
+    try:
+        with train.locked(str(out_dir / "train.lock")):
+            shutil.rmtree(out_dir)
+    except train.UserError as e:
+        return str(e)
+
+
 def train_run(item, out_root, results, total, progress):
     """Train (or resume) one run of the grid and copy its files into results; -> an error line or None."""
     name, spec, seed, length, argv, facts = item
@@ -210,8 +222,10 @@ def train_run(item, out_root, results, total, progress):
     t0 = time.time()
     if not finished(log, facts["max_iters"]):  # (a finished one was only not copied yet)
         resume = (out_dir / "ckpt.pt").exists()
-        if not resume and out_dir.exists():
-            shutil.rmtree(out_dir)  # a run that never saved a checkpoint starts again, from scratch
+        if not resume and out_dir.exists():  # a run that never saved a checkpoint starts again, from scratch
+            busy = remove_unfinished(out_dir)
+            if busy:
+                return f"error: {name}: {busy}"
         with progress["lock"]:
             progress["started"] += 1
             done = progress["seconds"]

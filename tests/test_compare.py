@@ -479,3 +479,16 @@ def test_each_model_has_its_color_in_every_figure():
     assert compare.model_colors(["dca", "attnres"])["attnres"] == colors["attnres"]       # whatever the order
     assert len(set(colors.values())) == len(colors)                                      # none shared
     assert colors["mine"] not in compare.MODEL_COLORS.values()                           # a model of your own
+
+
+def test_an_unfinished_run_is_not_removed_while_a_live_run_holds_its_folder(tmp_path):
+    """compare.py starts a run that saved no checkpoint again from scratch, removing its folder; a
+    train.py still running there (left going by a stopped compare.py) keeps it, with the reason."""
+    import train
+    out_dir = tmp_path / "gpt-s1"
+    out_dir.mkdir()
+    (out_dir / "log.jsonl").write_text('{"event": "start"}\n')
+    with train.locked(str(out_dir / "train.lock")):
+        why = compare.remove_unfinished(out_dir)
+        assert "in use by another run" in why and (out_dir / "log.jsonl").exists()
+    assert compare.remove_unfinished(out_dir) is None and not out_dir.exists()
