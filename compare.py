@@ -41,6 +41,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -257,14 +258,15 @@ def train_run(item, out_root, results, total, progress):
 
 def shown_command(script, argv):
     """The command as the results record it, run from the repo: paths inside the repo relative
-    to it (--data_dir=data, not this machine's /home/.../data); others as they were."""
+    to it (--data_dir=data, not this machine's /home/.../data); others as they were; quoted where
+    a shell would split them ('--models=dca:dca_k=2;learning_rate=2e-3')."""
     def shown(arg):
         flag, eq, value = arg.partition("=")
         path = Path(value)
         if eq and path.is_absolute() and path.resolve().is_relative_to(ROOT):
             return f"{flag}={path.resolve().relative_to(ROOT) or '.'}"
         return arg
-    return " ".join(["python", script, *map(shown, argv)])
+    return " ".join(["python", script, *(shlex.quote(shown(arg)) for arg in argv)])
 
 
 def format_time(seconds):

@@ -466,6 +466,8 @@ def test_recorded_commands_show_repo_paths_relative(tmp_path):
     shown = compare.shown_command("train.py", [f"--data_dir={ROOT / 'data'}", f"--out_dir={tmp_path}", "--n_layer=8",
                                                f"--results={ROOT}"])
     assert shown == f"python train.py --data_dir=data --out_dir={tmp_path} --n_layer=8 --results=."
+    quoted = compare.shown_command("compare.py", ["--name=g", "--models=gpt,dca:dca_k=2;learning_rate=2e-3"])
+    assert quoted == "python compare.py --name=g '--models=gpt,dca:dca_k=2;learning_rate=2e-3'"  # pastes into a shell
 
 
 def test_each_model_has_its_color_in_every_figure():
