@@ -172,10 +172,9 @@ def launch(kernel, b, r, stack, *args):
     first, rest = stack[0], stack[1:]
     N, D = first.numel() // first.size(-1), first.size(-1)
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))
-    wide = torch.float64 in (b.dtype, *(s.dtype for s in stack))
     kernel[grid](first, address_table(rest, first.device), *args, N, D, len(stack),
                  N_OUT=b.size(0), HAS_GATES=r is not None, B_SCALAR=b.dim() == 2,
-                 REST=getattr(tl, TRITON_DTYPES[(rest or stack)[0].dtype]), ACC=tl.float64 if wide else tl.float32,
+                 REST=getattr(tl, TRITON_DTYPES[(rest or stack)[0].dtype]), ACC=tl.float64 if accumulator_dtype(b, r, stack) == torch.float64 else tl.float32,
                  BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
 
 
@@ -193,6 +192,11 @@ def check_inputs(b, r, stack):
     rest = [s.to(rest_dtype).contiguous() for s in stack[1:]]
     rest = [s if s.data_ptr() % 16 == 0 else s.clone() for s in rest]
     return b.contiguous(), None if r is None else r.contiguous(), [stack[0].contiguous()] + rest
+
+
+def accumulator_dtype(b, r, stack):
+    """What the kernels sum in (and their partial sums are kept in): float64 if any input is, else float32."""
+    return torch.float64 if torch.float64 in (b.dtype, *(s.dtype for s in stack), *(() if r is None else (r.dtype,))) else torch.float32
 
 
 def out_dtype(b, r, stack):
@@ -235,7 +239,7 @@ def stack_sum_backward(grad: torch.Tensor, b: torch.Tensor, r: torch.Tensor | No
     grad = grad.contiguous()
     m, n_out, D = len(stack), b.size(0), stack[0].size(-1)
     N = stack[0].numel() // D
-    wide = torch.float64 if torch.float64 in (grad.dtype, b.dtype, *(s.dtype for s in stack)) else torch.float32
+    wide = accumulator_dtype(b, r, stack)
     n_rows, n_cols = triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D)
     part_r = torch.empty(n_cols, m, N, n_out, dtype=wide, device=grad.device) if r is not None else grad.new_empty(1, dtype=wide)
     part_b = torch.empty(n_rows, n_out, m, n_cols if b.dim() == 2 else D, dtype=wide, device=grad.device)
