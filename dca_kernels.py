@@ -174,7 +174,8 @@ def launch(kernel, b, r, stack, *args):
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))
     kernel[grid](first, address_table(rest, first.device), *args, N, D, len(stack),
                  N_OUT=b.size(0), HAS_GATES=r is not None, B_SCALAR=b.dim() == 2,
-                 REST=getattr(tl, TRITON_DTYPES[(rest or stack)[0].dtype]), ACC=tl.float64 if accumulator_dtype(b, r, stack) == torch.float64 else tl.float32,
+                 REST=getattr(tl, TRITON_DTYPES[(rest or stack)[0].dtype]),
+                 ACC=tl.float64 if accumulator_dtype(b, r, stack) == torch.float64 else tl.float32,
                  BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
 
 
