@@ -28,6 +28,9 @@ if ! "$VENV/bin/python" -c "import torch_xla, numpy" 2>/dev/null; then
             exit 0
         fi
         echo "xla: pip install failed: $(grep -m1 "ERROR" "$pip_log" || tail -1 "$pip_log")"
+        if grep -q "No space left on device" "$pip_log"; then  # the venv and pip's downloads take ~10 GB at once
+            echo "xla: $(df -h --output=avail "$PWD" | tail -1 | tr -d ' ') free here; the lane needs ~10 GB: free some disk (old clones' .venv-xla, /tmp/pip-unpack-*) and rerun tests/xla/run.sh"
+        fi
         exit 1
     fi
     echo "xla: venv made in $((SECONDS - start)) s"
