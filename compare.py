@@ -36,6 +36,7 @@ compute over the model's own.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -43,6 +44,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -205,8 +207,8 @@ def run_environment(jobs):
 
 def remove_unfinished(out_dir):
     """Remove a run's folder that holds no checkpoint, to train it again from scratch, unless a live
-    train.py holds its lock (a compare.py stopped mid-grid leaves its train.py runs going, and a
-    new run into the removed folder would take a new lock): -> None, or why not."""
+    train.py holds its lock (another compare.py's, or one left going by a compare.py killed with
+    SIGKILL: a new run into the removed folder would take a new lock): -> None, or why not."""
     import train
     try:
         with train.locked(str(out_dir / "train.lock")):
@@ -218,6 +220,8 @@ def remove_unfinished(out_dir):
 def train_run(item, out_root, results, total, progress):
     """Train (or resume) one run of the grid and copy its files into results; -> an error line or None."""
     name, spec, seed, length, argv, facts = item
+    if GRID["stopping"]:  # (the runs not begun when the grid was stopped)
+        return None
     out_dir = out_root / name
     log = read_log(out_dir / "log.jsonl")
     t0 = time.time()
@@ -237,7 +241,9 @@ def train_run(item, out_root, results, total, progress):
         command = [sys.executable, "train.py", *argv] + (["--init_from=resume"] if resume else [])
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / "train.log", "a") as f:
-            code = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=progress["env"]).returncode
+            code = train_process(command, stdout=f, stderr=subprocess.STDOUT, env=progress["env"])
+        if code is None:  # the grid was stopped before it began
+            return None
         if code != 0:
             tail = (out_dir / "train.log").read_text().strip().splitlines()[-1:]
             return f"error: {name} failed (exit {code}): {tail[0] if tail else ''} (its output: {out_dir / 'train.log'})"
@@ -254,6 +260,67 @@ def train_run(item, out_root, results, total, progress):
     (keep / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in starts + log))
     print(f"    {name}: val {log[-1]['val']:.4f} after {log[-1]['step']} steps ({format_time(time.time() - t0)})", flush=True)
     return None
+
+
+# the grid's live train.py processes; once stopping, no new one starts
+GRID = {"processes": set(), "stopping": False, "lock": threading.Lock()}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def train_process(command, **popen_args):
+    """Run one train.py to its end -> its exit code, or None if the grid is stopping. It stays in
+    compare.py's process group: what stops the group (Ctrl-C, a closed terminal, kill -- -PGID) stops it too."""
+    with GRID["lock"]:
+        if GRID["stopping"]:
+            return None
+        process = subprocess.Popen(command, cwd=ROOT, **popen_args)
+        GRID["processes"].add(process)
+    try:
+        return process.wait()
+    finally:
+        with GRID["lock"]:
+            GRID["processes"].discard(process)
+
+
+def stop_grid(name, signum):
+    """SIGTERM (kill PID) or SIGINT (Ctrl-C): stop every running train.py as a crash would (SIGTERM,
+    SIGKILL 5 s later), so that each resumes from its last checkpoint, then exit 128+signum."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)  # one stop is enough
+    with GRID["lock"]:
+        GRID["stopping"] = True
+        running = list(GRID["processes"])
+    for process in running:
+        process.terminate()
+    deadline = time.time() + 5
+    for process in running:
+        try:
+            process.wait(max(deadline - time.time(), 0))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    print(f"compare {name}: stopped by {signal.Signals(signum).name} with {len(running)} run(s) training; rerun this "
+          f"command to resume the grid (finished runs are kept, stopped ones go on from their last checkpoint, if any)",
+          file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
+@contextlib.contextmanager
+def stopped_by_signals(name):
+    """While the grid trains, SIGTERM and SIGINT stop it (stop_grid); an ignored one (a background
+    job's SIGINT) stays ignored. Handlers can be set in the main thread only: elsewhere, none."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s, handler in before.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, lambda signum, frame: stop_grid(name, signum))
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def shown_command(script, argv):
@@ -1120,7 +1187,8 @@ def main(argv=None):
         info["lengths"] = sorted(set(before["lengths"]) | set(args.lengths))
         info["commands"] = before["commands"] + ([command] if command not in before["commands"] else [])
     old.write_text(json.dumps(info, indent=1) + "\n")
-    run_grid(args, train_flags, results)
+    with stopped_by_signals(args.name):
+        run_grid(args, train_flags, results)
     table = report(results, info["models"])
     print(table if args.markdown else f"wrote {results}/table.md, summary.json and the plots")
 

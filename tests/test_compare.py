@@ -1,5 +1,6 @@
 """compare.py: the grid, its resumption, its statistics, and the FLOPs it counts."""
 
+import contextlib
 import json
 import math
 import os
@@ -99,6 +100,62 @@ def test_a_killed_grid_resumes_without_redoing_finished_runs(data_dir, tmp_path)
     log = compare.read_log(runs / "resformer-s1" / "log.jsonl")
     logged = sorted(set(range(2, 61, 2)) | set(range(5, 61, 5)))
     assert [r["step"] for r in log] == logged  # one record per step, the resumed ones once
+
+
+def processes_with(fragment):
+    """The pids of the live processes whose command line holds fragment (from /proc; zombies have none)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if fragment in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the train.py processes in /proc")
+def test_sigterm_stops_the_grid_with_its_runs_and_a_rerun_resumes_it(data_dir, tmp_path):
+    """`kill` of compare.py (SIGTERM) stops its train.py runs too, not only itself: none is left
+    training into the grid's folders, compare.py says how to go on and exits 143, and the same
+    command then resumes the stopped runs from their checkpoints."""
+    args = compare_args(tmp_path, data_dir, "--name=stop", "--models=gpt", "--seeds=1,2", "--jobs=2",
+                        "--max_iters=100000", "--eval_interval=5")  # runs that would train for minutes
+    out = tmp_path / "out" / "stop"
+
+    def start_and_stop(until):
+        """Start the grid, SIGTERM compare.py once until() holds -> (exit code, its stdout, its stderr)."""
+        with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=stdout, stderr=stderr,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 60
+        while not until() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # compare.py alone, as `kill PID` does
+        try:
+            code = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = "none: still running 20 s after SIGTERM"
+        return code, (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+
+    try:
+        checkpoints = lambda: all((out / f"gpt-s{seed}" / "ckpt.pt").exists() for seed in (1, 2))  # noqa: E731
+        code, stdout, stderr = start_and_stop(checkpoints)
+        assert checkpoints(), f"the runs saved no checkpoint in 60 s:\n{stdout}\n{stderr}"
+        assert not processes_with(str(out)), "train.py runs left going after compare.py stopped"
+        assert code == 128 + signal.SIGTERM, f"exit {code}:\n{stderr}"
+        assert "stopped by SIGTERM with 2 run(s) training; rerun this command to resume the grid" in stderr
+        assert "Traceback" not in stderr
+        steps = {seed: compare.read_log(out / f"gpt-s{seed}" / "log.jsonl")[-1]["step"] for seed in (1, 2)}
+        # the same command again: the stopped runs resume (their train.lock left behind locks nothing)
+        resuming = lambda: all(f"gpt-s{s}: resuming at step {steps[s]}" in (tmp_path / "stdout").read_text()  # noqa: E731
+                               for s in (1, 2))
+        code, stdout, stderr = start_and_stop(resuming)
+        assert resuming() and code == 128 + signal.SIGTERM, f"exit {code}:\n{stdout}\n{stderr}"
+        assert not processes_with(str(out))
+    finally:
+        for pid in processes_with(str(out)):  # never leave a failed test's runs training
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_several_runs_at_a_time_share_the_cores(monkeypatch):
