@@ -23,17 +23,20 @@ contractions over the heads written as broadcast products and sums, which torch.
 into a few passes over the scores (on the GPU the matmuls, with an inner dimension of N, run
 as tiny tensor-core tiles). dc_compose="folded" moves the contractions over the heads into the
 attention's own matmuls: the low-rank terms become R extra "heads" of width D = N·hd in q·kᵀ
-and in probs @ v (fold_pre_compose, fold_post_compose), the rest is elementwise. All three are
-the same function. Fused attention kernels cannot be used (the score tensor must exist to be
-composed); queries are processed in chunks, so the transient (B, chunk, N, S) score tensors
-bound the memory, and no chunk computes scores for keys that its queries cannot see.
+and in probs @ v (fold_pre_compose, fold_post_compose), the rest is elementwise.
+dc_compose="kernel" computes compose, mask, softmax and compose as one custom op (dcmha_kernels.py):
+on CUDA Triton kernels that mix the heads in registers and write only the composed probabilities;
+elsewhere the factorised form. All four are the same function. Flash attention's kernels cannot be
+used (each head's scores are mixed with the others'); queries are processed in chunks, so the
+transient (B, chunk, N, S) score tensors bound the memory, and no chunk computes scores for keys
+that its queries cannot see.
 
 Options (the paper's ablations are config values):
   dc_pre, dc_post              compose the logits / the probabilities
   dc_query_wise, dc_key_wise   the dynamic weights read at the query / at the key
   dc_static                    a learned static head-mixing matrix W_b (residual form)
   dc_rank, dc_hidden(_mult)    R, and C (the hidden width of the weight network, 4N)
-  dc_compose                   how Compose is computed: matrix, factors or folded (same result)
+  dc_compose                   how Compose is computed: matrix, factors, folded or kernel (same result)
   dc_float32_scores            the attention's scores, both Composes, the softmax and probs @ v
                                in float32 even under bf16 autocast (default). In bf16, as the
                                authors' JAX code runs them, DCMHA's loss blew up mid-run on an
@@ -65,7 +68,7 @@ class DCMHAConfig(gpt.GPTConfig):
     dc_rank: int = 2              # R, rank of each dynamic projection
     dc_hidden_mult: int = 4       # C = dc_hidden_mult * n_head ...
     dc_hidden: int = 0            # ... unless C is given here (> 0)
-    dc_compose: str = "matrix"    # matrix: Q_t, K_s as N x N matmuls | factors: the factorised form | folded
+    dc_compose: str = "matrix"    # matrix: Q_t, K_s as N x N matmuls | factors: the factorised form | folded | kernel
     dc_float32_scores: bool = True  # under bf16 autocast, keep the attention (logits to @ v) in float32
     query_chunk: int = 128        # queries per chunk of the attention (0 = all at once)
     window: int = 0               # keys a local layer sees, itself included (0 = all global)
@@ -81,8 +84,10 @@ class DCMHAConfig(gpt.GPTConfig):
             raise ValueError("dc_pre and dc_post are both off: nothing left to compose")
         if not (self.dc_query_wise or self.dc_key_wise or self.dc_static):
             raise ValueError("dc_query_wise, dc_key_wise and dc_static are all off: nothing to compose with")
-        if self.dc_compose not in ("matrix", "factors", "folded"):
-            raise ValueError(f"dc_compose={self.dc_compose!r}: choose matrix, factors or folded")
+        if self.dc_compose not in ("matrix", "factors", "folded", "kernel"):
+            raise ValueError(f"dc_compose={self.dc_compose!r}: choose matrix, factors, folded or kernel")
+        if self.dc_compose == "kernel" and self.dc_static:
+            raise ValueError("dc_compose=kernel has no static W_b (dc_static): use dc_compose=matrix, or dc_static=false")
         for name in ("dc_rank", "dc_hidden_mult"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -212,8 +217,9 @@ class DCMHAttention(gpt.CausalSelfAttention):
             self.Wdd = nn.Parameter(torch.randn(D, n_sets, N) * math.sqrt(2 / (D + N)) * 0.005)
         if config.dc_static:  # one W_b per stage, used as a + a W_b
             self.Wb = nn.Parameter(torch.randn(len(self.stages), N, N) * 0.1 / math.sqrt(N))
-        self.compose = compose if config.dc_compose == "matrix" else compose_factors  # (folded: for probes)
+        self.compose = compose if config.dc_compose == "matrix" else compose_factors  # (folded, kernel: for probes)
         self.folded = config.dc_compose == "folded"
+        self.fused = config.dc_compose == "kernel"
         self.float32_scores = config.dc_float32_scores
         pattern = config.window_pattern
         if config.window and pattern[layer_idx % len(pattern)] == "L":
@@ -292,6 +298,8 @@ class DCMHAttention(gpt.CausalSelfAttention):
 
     def attend_chunk(self, q, k, v, mask, mixes):
         """In this order: logits, compose, mask, softmax (in float32 or wider), compose, @ v."""
+        if self.fused:
+            return self.attend_chunk_fused(q, k, v, mixes)
         if self.folded:
             return self.attend_chunk_folded(q, k, v, mask, mixes)
         logits = (q @ k.mT).transpose(1, 2)                                         # (B, Tc, N, Sc)
@@ -304,6 +312,16 @@ class DCMHAttention(gpt.CausalSelfAttention):
             # probabilities (exact zeros) stay exact zeros and need no second mask
             probs = self.compose(probs, *mixes["post"])
         return probs.transpose(1, 2) @ v                                            # (B, N, Tc, hd)
+
+    def attend_chunk_fused(self, q, k, v, mixes):
+        """attend_chunk with compose, mask, softmax and compose as one op (dc_compose=kernel). The
+        chunk's last query sees its last key: query t sits at key position t + Sc - Tc."""
+        import dcmha_kernels
+        logits = q @ k.mT                                                           # (B, N, Tc, Sc)
+        (pre_query, pre_key, _), (post_query, post_key, _) = (mixes.get(s, (None,) * 3) for s in ("pre", "post"))
+        probs, _ = dcmha_kernels.compose_softmax_compose(logits, pre_query, pre_key, post_query, post_key,
+                                                         k.size(2) - q.size(2), self.window or 0)
+        return probs.to(v.dtype) @ v                                                # (B, N, Tc, hd)
 
     def attend_chunk_folded(self, q, k, v, mask, mixes):
         """attend_chunk with both Composes folded into matmuls of width D (dc_compose=folded)."""

@@ -53,6 +53,9 @@ CASES = [(name, {}) for name in MODELS] + [
     ("dcmha", {"dc_compose": "folded", "window": 4, "query_chunk": 5}),
     ("dcmha", {"dc_compose": "folded", "dc_static": True, "dc_pre": False, "query_chunk": 3}),
     ("dcmha", {"dc_compose": "folded", "dc_query_wise": False, "n_head": 2, "dc_rank": 3}),
+    ("dcmha", {"dc_compose": "kernel", "window": 4, "query_chunk": 5}),
+    ("dcmha", {"dc_compose": "kernel", "dc_pre": False, "dc_key_wise": False, "query_chunk": 3}),
+    ("dcmha", {"dc_compose": "kernel", "dc_post": False, "dc_query_wise": False, "n_head": 8, "dc_rank": 1}),
     ("dca", {"dca_k": 1}),
     ("dca", {"dca_k": 2}),
     ("dca", {"grn": "v1"}),
@@ -202,7 +205,7 @@ def test_every_parameter_gets_a_gradient(case):
     assert not no_grad, f"parameters without a gradient: {no_grad}"
 
 
-@pytest.mark.parametrize("case", [(name, {}) for name in MODELS] + [("dcmha", {"dc_compose": c}) for c in ("factors", "folded")],
+@pytest.mark.parametrize("case", [(name, {}) for name in MODELS] + [("dcmha", {"dc_compose": c}) for c in ("factors", "folded", "kernel")],
                          ids=case_id)
 def test_compile_equals_eager(case):
     """The compiled forward and backward against eager: the logits, the loss and every gradient."""
@@ -421,12 +424,14 @@ def test_dcmha_zero_dynamic_weights_equals_gpt(window, static):
 
 
 @pytest.mark.parametrize("n_head,rank", [(1, 2), (2, 1), (3, 3), (4, 2), (4, 1), (2, 3)])
-@pytest.mark.parametrize("window,chunk,static", [(0, 0, True), (4, 5, False), (0, 3, False)])
-@pytest.mark.parametrize("compose", ["matrix", "factors", "folded"])
+@pytest.mark.parametrize("window,chunk,static,compose", [
+    (window, chunk, static, compose) for window, chunk, static in [(0, 0, True), (4, 5, False), (0, 3, False)]
+    for compose in ["matrix", "factors", "folded", "kernel"] if not (static and compose == "kernel")])  # no W_b in the kernel
 def test_dcmha_attention_equals_explicit_W_ts(n_head, rank, window, chunk, static, compose):
-    """The per-token Q_t + K_s form (compose=matrix), the factorised form (factors) and the form
-    folded into the q·kᵀ and probs @ v matmuls (folded), chunked, == W_ts materialised per
-    (t, s), in float64, with random non-zero weights. Also checks R and C come from the config."""
+    """The per-token Q_t + K_s form (compose=matrix), the factorised form (factors), the form
+    folded into the q·kᵀ and probs @ v matmuls (folded) and the custom op (kernel: Triton's kernels
+    on CUDA), chunked, == W_ts materialised per (t, s), in float64, with random non-zero weights.
+    Also checks R and C come from the config."""
     model = make_model("dcmha", n_embd=48, n_head=n_head, dc_rank=rank, dc_hidden=7 if static else 0,
                        window=window, query_chunk=chunk, dc_static=static, dc_compose=compose)
     attn = perturb(model, scale=0.5).blocks[0].attn
@@ -549,7 +554,8 @@ def test_dcmha_ablation_flags_drop_exactly_their_sets(label):
 def test_dcmha_config_validation():
     for bad in (dict(dc_pre=False, dc_post=False), dict(dc_query_wise=False, dc_key_wise=False),
                 dict(dc_rank=0), dict(dc_hidden_mult=0), dict(dc_hidden=-1), dict(query_chunk=-1),
-                dict(window=-2), dict(window_pattern=""), dict(window_pattern="LX"), dict(dc_compose="fused")):
+                dict(window=-2), dict(window_pattern=""), dict(window_pattern="LX"), dict(dc_compose="fused"),
+                dict(dc_compose="kernel", dc_static=True)):
         with pytest.raises(ValueError):
             dcmha.DCMHAConfig(**TINY, **bad).validate()
     config = dcmha.DCMHAConfig(**TINY)

@@ -56,7 +56,9 @@ MODES = {
         # at T = 1024 DCMHA's default 128-query chunks unroll into 8 chunk graphs a layer, which did not
         # compile in 310 s (H200); two chunks a layer: the same numbers, compiled on the CPU as fast as one
         # chunk (55 s against 110 s at 2 layers, B = 1), with less memory for the scores than one chunk
-        bench_spec={"gpt2_small": {"dcmha": "dcmha:query_chunk=512"}},
+        # dc_compose=kernel: one chunk, whose masked key blocks the kernels skip (its graph is small)
+        bench_spec={"gpt2_small": {"dcmha": "dcmha:query_chunk=512",
+                                   "dcmha:dc_compose=kernel": "dcmha:dc_compose=kernel;query_chunk=0"}},
         # trained only: with its attention in bf16 (the authors' precision) dcmha's loss blew up
         # on an H200 and an H100 (step ~150) where the all-float32 twin trained; dcmha now keeps
         # its scores in float32 (dc_float32_scores), and this twin shows the bf16 way beside it
@@ -71,12 +73,15 @@ MODES = {
 
 
 def model_specs():
-    """Every registered model at its defaults, k-DCA with k = 2, and both DCA's with their GRN sums in
-    dca_kernels.py's Triton kernels (grn_kernel: faster than inductor's plain sums?). (DCMHA's other Compose forms
-    were timed once each and ruled out: dc_compose=factors 6.9x gpt's step on an H100 against the
-    matmuls' 1.9x, dc_compose=folded 6.8x against 2.4x on an H200; both stay in the equivalence suite.)"""
+    """Every registered model at its defaults, k-DCA with k = 2, both DCA's with their GRN sums in
+    dca_kernels.py's Triton kernels (grn_kernel: faster than inductor's plain sums?) and DCMHA with
+    compose-softmax-compose in dcmha_kernels.py's (dc_compose=kernel: faster than the matmuls?).
+    (DCMHA's other Compose forms were timed once each and ruled out: dc_compose=factors 6.9x gpt's
+    step on an H100 against the matmuls' 1.9x, dc_compose=folded 6.8x against 2.4x on an H200; both
+    stay in the equivalence suite.)"""
     import gpt
-    return list(gpt.all_models()) + ["dca:dca_k=2", "dca:grn_kernel=true", "dca:dca_k=2;grn_kernel=true"]
+    return list(gpt.all_models()) + ["dca:dca_k=2", "dca:grn_kernel=true", "dca:dca_k=2;grn_kernel=true",
+                                     "dcmha:dc_compose=kernel"]
 
 
 def bench_spec(mode, shape_name, spec):
