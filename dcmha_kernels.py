@@ -43,11 +43,13 @@ TILE, NUM_WARPS = 1024, 8  # values a (heads, queries, keys) tile holds: 4 a thr
 
 def block_sizes(n_head):
     """(heads padded to a power of 2, queries, keys) of a tile of TILE values. Larger tiles spill
-    registers: Triton 3.6's sm_90 code (torch 2.11's) for N = 12 (tiles of 16 x 4 x 16) takes 186
-    registers a thread forward and 247 backward, none spilled; 16 x 8 x 16 spilled 436 bytes backward."""
+    registers: Triton 3.6's sm_90 code (torch 2.11's) for N = 12 with 16 x 8 x 16 tiles spilled
+    436 bytes a thread backward. 16 x 8 x 8 keeps the 16 heads of a (query, key) in one warp, so
+    the sums over the heads need no barrier (16 x 4 x 16 split them over warps: 244 bar.sync in
+    the backward against 70)."""
     heads = triton.next_power_of_2(n_head)
-    queries = min(4, max(1, 64 // heads))
-    return heads, queries, max(16, TILE // (heads * queries))
+    queries = min(8, max(1, 128 // heads))
+    return heads, queries, max(8, TILE // (heads * queries))
 
 
 def use_kernels(x):
@@ -98,14 +100,16 @@ if triton is not None:
         axis: tl.constexpr = 1 if AT_KEY else 2
         where = grad_ptr + ((b * L + pos[None, :]) * ROWS) * N + heads[:, None]   # row 0's (heads, positions)
         mask = head_mask[:, None] & pos_mask[None, :]
-        tl.atomic_add(where + 2 * R * N, tl.sum(x * g, axis=axis), mask=mask)                 # d dd
+        # relaxed: no memory fence per add (acq_rel, the default, fences and flushes L1 each time);
+        # the kernel's end orders them for whoever reads the sums
+        tl.atomic_add(where + 2 * R * N, tl.sum(x * g, axis=axis), mask=mask, sem="relaxed")  # d dd
         for i in tl.static_range(R):
             w1 = factor_row(ptr, b, pos, pos_mask, i, heads, head_mask, L, N, ROWS, AT_KEY).to(ACC)
             w2 = factor_row(ptr, b, pos, pos_mask, R + i, heads, head_mask, L, N, ROWS, AT_KEY).to(ACC)
             h = tl.sum(x * w1, axis=0)[None, :, :]                                 # Σ_n w1[i, n] x[n]
             e = tl.sum(g * w2, axis=0)[None, :, :]                                 # Σ_m w2[i, m] G[m]
-            tl.atomic_add(where + (R + i) * N, tl.sum(h * g, axis=axis), mask=mask)           # d w2[i]
-            tl.atomic_add(where + i * N, tl.sum(x * e, axis=axis), mask=mask)                 # d w1[i]
+            tl.atomic_add(where + (R + i) * N, tl.sum(h * g, axis=axis), mask=mask, sem="relaxed")  # d w2[i]
+            tl.atomic_add(where + i * N, tl.sum(x * e, axis=axis), mask=mask, sem="relaxed")        # d w1[i]
 
     @triton.jit
     def visible(t, s, t_mask, s_mask, offset, window):
@@ -132,7 +136,7 @@ if triton is not None:
         for s0 in range(lo, hi, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             offs = ((b * N + heads[:, None, None]) * T + t[None, :, None]) * S + s[None, None, :]
-            mask = head_mask[:, None, None] & t_mask[None, :, None] & (s < hi)[None, None, :]
+            mask = head_mask[:, None, None] & t_mask[None, :, None] & ((s < hi) & (s < S))[None, None, :]
             tl.store(ptr + offs, tl.zeros((NP, BLOCK_T, BLOCK_S), dtype=ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -302,7 +306,7 @@ def reference(logits, factors, offset, window):
     wide = torch.promote_types(x.dtype, torch.float32)
     lse = torch.logsumexp(x.to(wide), dim=-1)                                       # (B, T, N)
     probs = dcmha.compose_factors(torch.softmax(x, dim=-1, dtype=wide).to(logits.dtype), post_q, post_k, None)
-    return probs.transpose(1, 2), lse.transpose(1, 2)
+    return probs.transpose(1, 2).to(logits.dtype), lse.transpose(1, 2)
 
 
 def swap_factors(factors):
@@ -359,6 +363,9 @@ def compose_softmax_compose(logits: torch.Tensor, pre_query: torch.Tensor | None
     key position t + offset and sees the keys s <= t + offset (the last `window` of them, window > 0).
     -> (probs (B, N, T, S) in the logits' dtype, the softmax's log-sum-exp (B, N, T), for the backward)."""
     factors = (pre_query, pre_key, post_query, post_key)
+    T, S = logits.shape[-2:]
+    if not 0 <= offset <= S - T:  # every query sees a key; the kernels' zero-filled blocks assume it
+        raise ValueError(f"offset={offset}: the {T} queries must sit among the {S} keys (0 <= offset <= S - T = {S - T})")
     if not use_kernels(logits):
         probs, lse = reference(logits, factors, offset, window)
         return probs.contiguous(), lse.contiguous()

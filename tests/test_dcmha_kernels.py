@@ -124,12 +124,20 @@ def test_kernel_op_is_called_once_a_chunk_and_only_then():
         dcmha_kernels.compose_softmax_compose = original
 
 
+@pytest.mark.parametrize("offset", [-1, 4])
+def test_queries_outside_the_keys_are_refused(offset):
+    """T = 4 queries among S = 7 keys sit at offsets 0 .. 3; outside, the kernels would write past the tensor."""
+    with pytest.raises(ValueError, match="offset"):
+        dcmha_kernels.compose_softmax_compose(torch.zeros(1, 2, 4, 7), None, None, None, None, offset, 0)
+
+
 @pytest.mark.parametrize("n_head,dtype", [(12, "fp32"), (12, "bf16"), (4, "fp64")])
 def test_triton_kernels_compile_for_an_h100_without_one(n_head, dtype):
     """The interpreter runs Python, not the compiler: this compiles both kernels to an sm_90 cubin
     (Triton's own ptxas; no GPU needed) at the tile sizes a model with n_head heads launches, in
     float32 (GPT-2 small: 12 heads, padded to 16), bf16 (autocast without dc_float32_scores) and
-    float64 (the equivalence suite on CUDA: exp and log in float64)."""
+    float64 (the equivalence suite on CUDA: exp and log in float64), specialised as a launch at
+    T = S = 1024 is: pointers 16-byte aligned, T, S, offset and window divisible by 16."""
     pytest.importorskip("triton", reason="Triton is not installed (.ci/run installs it)")
     import triton
     import triton.language as tl
@@ -142,6 +150,8 @@ def test_triton_kernels_compile_for_an_h100_without_one(n_head, dtype):
         signature = {name: "constexpr" if name in consts else "i32" if name in ("T", "S", "N", "offset", "window")
                      else wide if name == "lse_ptr" or name.startswith("grad_p") else f"*{dtype}"
                      for name in kernel.arg_names}
-        compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts),
+        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+                   if signature[name].startswith("*") or name in ("T", "S", "offset", "window")}
+        compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=aligned),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": dcmha_kernels.NUM_WARPS})
         assert len(compiled.asm["cubin"]) > 0 and ".entry" in compiled.asm["ptx"]
