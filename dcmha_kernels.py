@@ -121,6 +121,12 @@ if triton is not None:
         return ok[None, :, :]
 
     @triton.jit
+    def last_blocks_first():
+        """This program's block of queries, the last first: later queries see more keys, so the
+        longest programs start first and the shortest fill the tail."""
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+
+    @triton.jit
     def key_blocks(t0, offset, window, S, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
         """[first, end) of the keys that the queries t0 .. t0 + BLOCK_T - 1 may see, first on a block edge."""
         end = tl.minimum(S, t0 + BLOCK_T + offset)
@@ -159,7 +165,7 @@ if triton is not None:
                                        NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
         """probs = Compose_post(softmax(mask(Compose_pre(logits)))) and the softmax's log-sum-exp,
         for BLOCK_T queries of one batch row, all heads: two walks over the keys."""
-        b, t0 = tl.program_id(1), tl.program_id(0) * BLOCK_T
+        b, t0 = tl.program_id(1), last_blocks_first() * BLOCK_T
         t = t0 + tl.arange(0, BLOCK_T)
         heads = tl.arange(0, NP)
         t_mask, head_mask = t < T, heads < N
@@ -201,7 +207,7 @@ if triton is not None:
         """From G = d/dprobs: d/dlogits (written once) and the four factor sets' gradients (added to
         the zeroed grad_* buffers). Walk 1: the softmax's row terms δ_n(t) = Σ_s p_n dp_n, where
         dp = Compose_postᵀ(G); walk 2: dx = p (dp - δ), d/dlogits = Compose_preᵀ(dx), and the factors'."""
-        b, t0 = tl.program_id(1), tl.program_id(0) * BLOCK_T
+        b, t0 = tl.program_id(1), last_blocks_first() * BLOCK_T
         t = t0 + tl.arange(0, BLOCK_T)
         heads = tl.arange(0, NP)
         t_mask, head_mask = t < T, heads < N
