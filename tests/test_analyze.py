@@ -100,6 +100,7 @@ CASES = [(name, {}) for name in gpt.all_models()] + [
     ("dcmha", {"window": 4, "query_chunk": 5}),
     ("dcmha", {"dc_post": False, "dc_key_wise": False, "dc_static": True}),
     ("dcmha", {"dc_compose": "folded", "window": 4, "query_chunk": 5}),
+    ("dcmha", {"dc_compose": "kernel", "window": 4, "query_chunk": 5}),
     ("dca", {"dca_k": 1, "grn_relu_bias": True}),
     ("dca", {"grn": "v1", "dca_qkv": False}),
 ] + [(name, o) for name, o in (("muddformer", {"mudd_streams": "vr", "mudd_layers": 2}),
