@@ -1,6 +1,6 @@
 """
 DCMHA's compose -> mask -> softmax -> compose as one custom op, with fused Triton kernels on CUDA
-(dcmha.py, dc_kernel=True).
+(dcmha.py, dc_compose="kernel").
 
     probs = Compose_post(softmax(mask(Compose_pre(logits))))           dcmha.attend_chunk, the same numbers
 
@@ -158,6 +158,18 @@ if triton is not None:
         return a, x, offs, tile_mask
 
     @triton.jit
+    def probs_and_grad(logits_ptr, lse, grad_ptr, pre_q, pre_k, b, t, s, t_mask, s_mask, heads, head_mask, T, S, N,
+                       offset, window, R: tl.constexpr, HAS_PRE_Q: tl.constexpr, HAS_PRE_K: tl.constexpr,
+                       ACC: tl.constexpr):
+        """The backward's tile: the logits a, the probabilities p = exp(mask(Compose_pre(a)) - lse)
+        from the forward's log-sum-exp (heads, queries, 1), and G = d/dprobs."""
+        a, x, offs, tile_mask = composed_logits(logits_ptr, pre_q, pre_k, b, t, s, t_mask, s_mask, heads, head_mask,
+                                                T, S, N, offset, window, R, HAS_PRE_Q, HAS_PRE_K, ACC)
+        p = tl.exp(x - lse)
+        g = tl.load(grad_ptr + offs, mask=tile_mask, other=0.0).to(ACC)
+        return a, p, g, offs, tile_mask
+
+    @triton.jit
     def compose_softmax_compose_kernel(logits_ptr, pre_q, pre_k, post_q, post_k, probs_ptr, lse_ptr,
                                        T, S, N, offset, window,
                                        R: tl.constexpr, HAS_PRE_Q: tl.constexpr, HAS_PRE_K: tl.constexpr,
@@ -218,20 +230,16 @@ if triton is not None:
         for s0 in range(first, end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             s_mask = s < S
-            a, x, offs, tile_mask = composed_logits(logits_ptr, pre_q, pre_k, b, t, s, t_mask, s_mask, heads, head_mask,
-                                                    T, S, N, offset, window, R, HAS_PRE_Q, HAS_PRE_K, ACC)
-            p = tl.exp(x - lse)
-            g = tl.load(grad_ptr + offs, mask=tile_mask, other=0.0).to(ACC)
+            a, p, g, offs, tile_mask = probs_and_grad(logits_ptr, lse, grad_ptr, pre_q, pre_k, b, t, s, t_mask, s_mask,
+                                                      heads, head_mask, T, S, N, offset, window, R, HAS_PRE_Q, HAS_PRE_K, ACC)
             dp = compose_tile(g, post_q, post_k, b, t, s, t_mask, s_mask, heads, head_mask, T, S, N,
                               R, HAS_POST_Q, HAS_POST_K, True, ACC)
             delta += tl.sum(p * dp, axis=2)
         for s0 in range(first, end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             s_mask = s < S
-            a, x, offs, tile_mask = composed_logits(logits_ptr, pre_q, pre_k, b, t, s, t_mask, s_mask, heads, head_mask,
-                                                    T, S, N, offset, window, R, HAS_PRE_Q, HAS_PRE_K, ACC)
-            p = tl.exp(x - lse)
-            g = tl.load(grad_ptr + offs, mask=tile_mask, other=0.0).to(ACC)
+            a, p, g, offs, tile_mask = probs_and_grad(logits_ptr, lse, grad_ptr, pre_q, pre_k, b, t, s, t_mask, s_mask,
+                                                      heads, head_mask, T, S, N, offset, window, R, HAS_PRE_Q, HAS_PRE_K, ACC)
             if HAS_POST_Q:
                 add_factor_grads(p, g, grad_post_q, post_q, b, t, t_mask, heads, head_mask, T, N, R, False, ACC)
             if HAS_POST_K:
@@ -262,7 +270,7 @@ def kernel_args(logits, factors, offset, window):
     B, N, T, S = logits.shape
     if logits.numel() >= 2**31:  # the kernels index with int32
         raise ValueError(f"the DCMHA kernel takes fewer than 2**31 scores a chunk, got {B} x {N} x {T} x {S}: "
-                         f"use a smaller batch or query_chunk, or dc_kernel=false")
+                         f"use a smaller batch or query_chunk, or dc_compose=factors")
     present = [f for f in factors if f is not None]
     R = (present[0].size(-2) - 1) // 2 if present else 1
     flags = dict(zip(("HAS_PRE_Q", "HAS_PRE_K", "HAS_POST_Q", "HAS_POST_K"), (f is not None for f in factors)))
