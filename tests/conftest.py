@@ -24,3 +24,42 @@ def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     run(["prepare_data.py", f"--data_dir={d}", "--max_tokens=400000"])
     return d
+
+
+# -----------------------------------------------------------------------------
+# what the kernel tests share (tests/test_dca_kernels.py, tests/test_dcmha_kernels.py)
+
+def run_kernels_in_interpreter(script, timeout=900):
+    """Runs a script that checks Triton kernels in Triton's interpreter (TRITON_INTERPRET=1: the
+    kernels run as Python on the CPU, set before triton is imported); it must print KERNELS OK."""
+    pytest.importorskip("triton", reason="Triton is not installed (.ci/run installs it)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0 and "KERNELS OK" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def assert_one_graph_with_eagers_gradients(model, idx):
+    """torch.compile takes the model, custom op and all, as one graph with no breaks, and its
+    gradients are eager's."""
+    import torch
+    explained = torch._dynamo.explain(model)(idx, idx)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    model(idx, idx)[1].backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    torch.compile(model)(idx, idx)[1].backward()
+    for p, g in zip(model.parameters(), eager):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def compile_for_h100(kernel, signature, constexprs, num_warps, attrs=None):
+    """Compiles a Triton kernel to an sm_90 cubin with Triton's own ptxas: no GPU needed (the
+    interpreter runs Python, not the compiler). signature: each argument's type, "constexpr" for
+    those in constexprs; attrs: what a launch specialises (e.g. 16-byte alignment)."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed (.ci/run installs it)")
+    from triton.backends.compiler import GPUTarget
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs or {})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert len(compiled.asm["cubin"]) > 0 and ".entry" in compiled.asm["ptx"]
+    return compiled

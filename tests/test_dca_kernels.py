@@ -3,8 +3,6 @@ the CPU (TRITON_INTERPRET=1; .ci/run installs Triton), and the op under torch.co
 is: one graph, and the same gradients as eager. On a GPU, test_equivalence.py's grn_kernel cases
 (EQUIV_DEVICE=cuda) run the compiled kernels against the spec's formulas."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import dca  # noqa: E402
+from conftest import assert_one_graph_with_eagers_gradients, compile_for_h100, run_kernels_in_interpreter  # noqa: E402
 
 KERNEL_CHECK = r'''
 import torch
@@ -65,26 +64,13 @@ print("KERNELS OK")
 
 
 def test_triton_kernels_equal_the_weighted_sums_in_the_interpreter():
-    pytest.importorskip("triton", reason="Triton is not installed (.ci/run installs it)")
-    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert result.returncode == 0 and "KERNELS OK" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+    run_kernels_in_interpreter(KERNEL_CHECK, timeout=600)
 
 
 def test_grn_kernel_op_compiles_into_one_graph_with_eagers_gradients():
     torch.manual_seed(0)
     cfg = dca.DCAConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=256, grn_kernel=True)
-    model = dca.DCA(cfg)
-    idx = torch.randint(0, 256, (2, 16))
-    explained = torch._dynamo.explain(model)(idx, idx)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0
-    model(idx, idx)[1].backward()
-    eager = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    torch._dynamo.reset()
-    torch.compile(model)(idx, idx)[1].backward()
-    for p, g in zip(model.parameters(), eager):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+    assert_one_graph_with_eagers_gradients(dca.DCA(cfg), torch.randint(0, 256, (2, 16)))
 
 
 def test_grn_kernel_turns_on_the_custom_op_only():
@@ -109,10 +95,7 @@ def test_triton_kernels_compile_for_an_h100_without_one():
     (Triton's own ptxas; no GPU needed) for DCA's case under bf16 autocast: three sums with gates, a
     float32 embedding and bf16 block outputs. (Without the launcher's specialisation of the
     arguments' alignment and of M = 1: what the GPU compiles differs in those.)"""
-    pytest.importorskip("triton", reason="Triton is not installed (.ci/run installs it)")
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
+    tl = pytest.importorskip("triton.language", reason="Triton is not installed (.ci/run installs it)")
     import dca_kernels
     consts = dict(N_OUT=3, HAS_GATES=True, B_SCALAR=False, REST=tl.bfloat16, ACC=tl.float32,
                   BLOCK_N=dca_kernels.BLOCK_N, BLOCK_D=dca_kernels.BLOCK_D)
@@ -120,6 +103,4 @@ def test_triton_kernels_compile_for_an_h100_without_one():
                     b_ptr="*fp32", r_ptr="*bf16", out_ptr="*fp32", part_r_ptr="*fp32", part_b_ptr="*fp32", N="i32", D="i32", M="i32")
     for kernel in (dca_kernels.stack_sum_kernel, dca_kernels.stack_sum_backward_kernel):
         signature = {name: "constexpr" if name in consts else pointers[name] for name in kernel.arg_names}
-        compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": dca_kernels.NUM_WARPS})
-        assert len(compiled.asm["cubin"]) > 0 and ".entry" in compiled.asm["ptx"]
+        compile_for_h100(kernel, signature, consts, dca_kernels.NUM_WARPS)

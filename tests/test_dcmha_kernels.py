@@ -4,8 +4,6 @@ Its torch backward against autograd; its Triton kernels in Triton's interpreter 
 torch.compile: one graph and eager's gradients. On a GPU, test_equivalence.py's dc_compose=kernel
 cases (EQUIV_DEVICE=cuda) run the compiled kernels in float64 against W_ts written out per (t, s)."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 import dcmha  # noqa: E402
 import dcmha_kernels  # noqa: E402
+from conftest import assert_one_graph_with_eagers_gradients, compile_for_h100, run_kernels_in_interpreter  # noqa: E402
 
 # (B, N, T, S, R, offset, window, which factor sets: pre query, pre key, post query, post key).
 # Ragged blocks of queries and keys, a chunk's offset (its queries see earlier keys), windows that
@@ -47,9 +46,11 @@ def case(B, N, T, S, R, offset, window, present, dtype=torch.float64, seed=0):
 
 
 KERNEL_CHECK = r'''
+import sys
 import torch
 import dcmha, dcmha_kernels
-from tests.test_dcmha_kernels import SHAPES, case
+sys.path.insert(0, "tests")
+from test_dcmha_kernels import SHAPES, case
 assert dcmha_kernels.use_kernels(torch.zeros(1)), "the kernels do not run in the interpreter"
 worst = max(case(*shape) for shape in SHAPES)
 print("float64: worst relative error", worst)
@@ -86,26 +87,13 @@ def test_torch_path_equals_autograd_through_the_reference(shape):
 
 
 def test_triton_kernels_equal_the_reference_in_the_interpreter():
-    pytest.importorskip("triton", reason="Triton is not installed (.ci/run installs it)")
-    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert result.returncode == 0 and "KERNELS OK" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+    run_kernels_in_interpreter(KERNEL_CHECK, timeout=900)
 
 
 def test_kernel_op_compiles_into_one_graph_with_eagers_gradients():
     torch.manual_seed(0)
     cfg = dcmha.DCMHAConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=256, dc_compose="kernel", query_chunk=5)
-    model = dcmha.DCFormer(cfg)
-    idx = torch.randint(0, 256, (2, 16))
-    explained = torch._dynamo.explain(model)(idx, idx)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0
-    model(idx, idx)[1].backward()
-    eager = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    torch._dynamo.reset()
-    torch.compile(model)(idx, idx)[1].backward()
-    for p, g in zip(model.parameters(), eager):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+    assert_one_graph_with_eagers_gradients(dcmha.DCFormer(cfg), torch.randint(0, 256, (2, 16)))
 
 
 def test_kernel_op_is_called_once_a_chunk_and_only_then():
@@ -138,10 +126,7 @@ def test_triton_kernels_compile_for_an_h100_without_one(n_head, dtype):
     float32 (GPT-2 small: 12 heads, padded to 16), bf16 (autocast without dc_float32_scores) and
     float64 (the equivalence suite on CUDA: exp and log in float64), specialised as a launch at
     T = S = 1024 is: pointers 16-byte aligned, T, S, offset and window divisible by 16."""
-    pytest.importorskip("triton", reason="Triton is not installed (.ci/run installs it)")
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
+    tl = pytest.importorskip("triton.language", reason="Triton is not installed (.ci/run installs it)")
     NP, BLOCK_T, BLOCK_S = dcmha_kernels.block_sizes(n_head)
     consts = dict(R=2, HAS_PRE_Q=True, HAS_PRE_K=True, HAS_POST_Q=True, HAS_POST_K=True,
                   ACC=tl.float64 if dtype == "fp64" else tl.float32, NP=NP, BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S)
@@ -152,6 +137,4 @@ def test_triton_kernels_compile_for_an_h100_without_one(n_head, dtype):
                      for name in kernel.arg_names}
         aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                    if signature[name].startswith("*") or name in ("T", "S", "offset", "window")}
-        compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=aligned),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": dcmha_kernels.NUM_WARPS})
-        assert len(compiled.asm["cubin"]) > 0 and ".entry" in compiled.asm["ptx"]
+        compile_for_h100(kernel, signature, consts, dcmha_kernels.NUM_WARPS, attrs=aligned)
