@@ -158,6 +158,18 @@ if triton is not None:
         return a, x, offs, tile_mask
 
     @triton.jit
+    def compose_backward(x, g, q_factors, k_factors, grad_q, grad_k, b, t, s, t_mask, s_mask, heads, head_mask,
+                         T, S, N, R: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr, ACC: tl.constexpr):
+        """Compose's backward at a tile, from its input x and G = d/dCompose(x): adds the factor sets'
+        gradients (at the queries, at the keys) and returns d/dx = Composeᵀ(G)."""
+        if HAS_Q:
+            add_factor_grads(x, g, grad_q, q_factors, b, t, t_mask, heads, head_mask, T, N, R, False, ACC)
+        if HAS_K:
+            add_factor_grads(x, g, grad_k, k_factors, b, s, s_mask, heads, head_mask, S, N, R, True, ACC)
+        return compose_tile(g, q_factors, k_factors, b, t, s, t_mask, s_mask, heads, head_mask, T, S, N,
+                            R, HAS_Q, HAS_K, True, ACC)
+
+    @triton.jit
     def probs_and_grad(logits_ptr, lse, grad_ptr, pre_q, pre_k, b, t, s, t_mask, s_mask, heads, head_mask, T, S, N,
                        offset, window, R: tl.constexpr, HAS_PRE_Q: tl.constexpr, HAS_PRE_K: tl.constexpr,
                        ACC: tl.constexpr):
@@ -240,19 +252,11 @@ if triton is not None:
             s_mask = s < S
             a, p, g, offs, tile_mask = probs_and_grad(logits_ptr, lse, grad_ptr, pre_q, pre_k, b, t, s, t_mask, s_mask,
                                                       heads, head_mask, T, S, N, offset, window, R, HAS_PRE_Q, HAS_PRE_K, ACC)
-            if HAS_POST_Q:
-                add_factor_grads(p, g, grad_post_q, post_q, b, t, t_mask, heads, head_mask, T, N, R, False, ACC)
-            if HAS_POST_K:
-                add_factor_grads(p, g, grad_post_k, post_k, b, s, s_mask, heads, head_mask, S, N, R, True, ACC)
-            dp = compose_tile(g, post_q, post_k, b, t, s, t_mask, s_mask, heads, head_mask, T, S, N,
-                              R, HAS_POST_Q, HAS_POST_K, True, ACC)
+            dp = compose_backward(p, g, post_q, post_k, grad_post_q, grad_post_k, b, t, s, t_mask, s_mask,
+                                  heads, head_mask, T, S, N, R, HAS_POST_Q, HAS_POST_K, ACC)
             dx = p * (dp - delta[:, :, None])                                      # the softmax's backward
-            if HAS_PRE_Q:
-                add_factor_grads(a, dx, grad_pre_q, pre_q, b, t, t_mask, heads, head_mask, T, N, R, False, ACC)
-            if HAS_PRE_K:
-                add_factor_grads(a, dx, grad_pre_k, pre_k, b, s, s_mask, heads, head_mask, S, N, R, True, ACC)
-            da = compose_tile(dx, pre_q, pre_k, b, t, s, t_mask, s_mask, heads, head_mask, T, S, N,
-                              R, HAS_PRE_Q, HAS_PRE_K, True, ACC)
+            da = compose_backward(a, dx, pre_q, pre_k, grad_pre_q, grad_pre_k, b, t, s, t_mask, s_mask,
+                                  heads, head_mask, T, S, N, R, HAS_PRE_Q, HAS_PRE_K, ACC)
             tl.store(grad_logits_ptr + offs, da.to(grad_logits_ptr.dtype.element_ty), mask=tile_mask)
         store_zeros(grad_logits_ptr, b, t, t_mask, heads, head_mask, 0, first, T, S, N, NP, BLOCK_T, BLOCK_S)
         store_zeros(grad_logits_ptr, b, t, t_mask, heads, head_mask, end, S, T, S, N, NP, BLOCK_T, BLOCK_S)

@@ -63,3 +63,18 @@ def compile_for_h100(kernel, signature, constexprs, num_warps, attrs=None):
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert len(compiled.asm["cubin"]) > 0 and ".entry" in compiled.asm["ptx"]
     return compiled
+
+
+def max_gradient_difference(plain, fused, idx):
+    """Two models that differ only in how they compute (e.g. with kernels or without): plain's
+    weights are moved off their init (so every path carries signal) and loaded into fused; the
+    largest relative difference of any parameter's gradient of the loss on idx."""
+    import torch
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    fused.load_state_dict(plain.state_dict())
+    for model in (plain, fused):
+        model(idx, idx)[1].backward()
+    return max(((p.grad - q.grad).abs().max() / p.grad.abs().max()).item()
+               for p, q in zip(plain.parameters(), fused.parameters()))

@@ -50,6 +50,7 @@ import sys
 import torch
 import dcmha, dcmha_kernels
 sys.path.insert(0, "tests")
+from conftest import max_gradient_difference
 from test_dcmha_kernels import SHAPES, case
 assert dcmha_kernels.use_kernels(torch.zeros(1)), "the kernels do not run in the interpreter"
 worst = max(case(*shape) for shape in SHAPES)
@@ -65,14 +66,8 @@ assert worst < 5e-2, worst
 torch.manual_seed(0)
 cfg = dict(n_layer=2, n_head=3, n_embd=24, block_size=20, vocab_size=256, window=4, window_pattern="LG", query_chunk=7)
 plain, fused = (dcmha.DCFormer(dcmha.DCMHAConfig(**cfg, dc_compose=c)).double() for c in ("matrix", "kernel"))
-with torch.no_grad():
-    for p in plain.parameters():
-        p.add_(0.3 * torch.randn_like(p))
-fused.load_state_dict(plain.state_dict())
 idx = torch.randint(0, 256, (2, 20))
-for model in (plain, fused):
-    model(idx, idx)[1].backward()
-diff = max(((p.grad - q.grad).abs().max() / p.grad.abs().max()).item() for p, q in zip(plain.parameters(), fused.parameters()))
+diff = max_gradient_difference(plain, fused, idx)
 print("model: max relative gradient difference", diff)
 assert diff < 1e-10, diff
 print("KERNELS OK")
