@@ -196,6 +196,11 @@ def kernel_kind(name):
     return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name.lower())), "other")
 
 
+def file_name(spec):
+    """A model spec as a file name: 'dca:dca_k=2;grn_kernel=true' -> 'dca-dca_k-2-grn_kernel-true'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", spec)
+
+
 def profile_steps(runs, args, device, folder, steps=2):
     """run["kernel_ms"]: the device's kernel time per step by kind (on the CPU: the ops' self CPU
     time); each model's top kernels into folder/<spec>.txt."""
@@ -223,7 +228,7 @@ def profile_steps(runs, args, device, folder, steps=2):
         top = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25,
                            max_name_column_width=90)
         summary = ", ".join(f"{kind} {ms:.2f}" for kind, ms in run["kernel_ms"].items())
-        (folder / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', spec)}.txt").write_text(
+        (folder / f"{file_name(spec)}.txt").write_text(
             f"{spec}: ms per step of {'CUDA kernels' if cuda else 'CPU ops (self time)'}: {summary}\n\n{top}\n")
 
 

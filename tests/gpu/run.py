@@ -105,7 +105,8 @@ def spec_flags(spec):
 
 
 def slug(spec):
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", spec)
+    import bench  # its profile files are named the same way
+    return bench.file_name(spec)
 
 
 def shape_flags(shape):
