@@ -205,6 +205,13 @@ def test_every_parameter_gets_a_gradient(case):
     assert not no_grad, f"parameters without a gradient: {no_grad}"
 
 
+def run_shared_checks(case):
+    """The four checks above for one case: the newer models' own test files run them over their settings."""
+    for shared_check in (test_causality, test_kv_cache_decode_equals_full_forward, test_generate_with_cache_equals_without,
+                         test_every_parameter_gets_a_gradient):
+        shared_check(case)
+
+
 @pytest.mark.parametrize("case", [(name, {}) for name in MODELS] + [("dcmha", {"dc_compose": c}) for c in ("factors", "folded", "kernel")],
                          ids=case_id)
 def test_compile_equals_eager(case):

@@ -43,10 +43,7 @@ MUDD_CASES = [("muddformer", o) for o in (
 def test_muddformer_shared_checks(case):
     """Causality, KV-cache decode == full forward, greedy generate with == without the cache,
     and every parameter gets a gradient, for each of MUDD_CASES."""
-    shared.test_causality(case)
-    shared.test_kv_cache_decode_equals_full_forward(case)
-    shared.test_generate_with_cache_equals_without(case)
-    shared.test_every_parameter_gets_a_gradient(case)
+    shared.run_shared_checks(case)
 
 
 def das(model):
