@@ -6,6 +6,7 @@ and the baseline's loss-vs-compute curve to turn a loss difference into a comput
                       --lengths=0.5,2 --n_layer=8 --max_iters=1000     # any train.py flag
     python compare.py --name=deep8 --summary                           # table + plots from the logs
     python compare.py --name=deep8 --speed                             # every model's ms/step, one process
+    python compare.py --name=deep8 --summary --against=gpt:learning_rate=2e-3  # another of its baselines
     python compare.py --name=depth --across=deep8,deep16               # the same models across grids
 
 Every (model, seed) trains with train.py into out_dir/NAME/<model>-s<seed>/; a finished run is
@@ -27,6 +28,9 @@ table's time columns and loss_vs_time.png then use those.
 --across puts grids side by side (their summary.json files, made by --summary): each model's
 Δ vs the baseline with both p-values and its compute multiplier in every grid, one table and
 delta_across.png, in results/NAME/ — e.g. the same models at 8 and 16 layers.
+
+--against=MODEL (with --summary) makes the table again with another of the grid's models as the
+baseline, into results/NAME/against-<MODEL>.md: e.g. each variant against gpt at its own rate.
 
 Model specs are bench.py's: name[:key=value;key=value]. --lengths runs the baseline (the first
 model) again at those multiples of max_iters (each with its own full cosine schedule); a power
@@ -953,12 +957,17 @@ def delta_plot(summary, color, path):
     plt.close(fig)
 
 
-def report(results, models=None):
+def grid_summary(results, models):
+    """The grid's compare.json and the summary of models (models[0] the baseline) from its logs."""
     info = json.loads((results / "compare.json").read_text())
-    models = models or info["models"]
     runs = load_runs(results)
     speed = json.loads((results / "speed.json").read_text()) if (results / "speed.json").exists() else None
-    summary = summarize(runs, models, speed)
+    return info, runs, summarize(runs, models or info["models"], speed)
+
+
+def report(results, models=None):
+    info, runs, summary = grid_summary(results, models)
+    models = models or info["models"]
     summary["compare"] = info
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     table = table_markdown(summary, info)
@@ -968,6 +977,21 @@ def report(results, models=None):
     (results / "table.md").write_text(f"# {results.name}\n\nMade by ({again} makes it again from the logs):\n\n"
                                       f"{commands}\n\n" + table)
     plots(runs, summary, models, results)
+    return table
+
+
+def report_against(results, against):
+    """results/NAME/against-<model>.md: the grid's table with another of its models as the baseline
+    (e.g. gpt at the variants' learning rate); table.md, summary.json and the plots stay as they are."""
+    models = json.loads((results / "compare.json").read_text())["models"]
+    if against not in models:
+        sys.exit(f"error: --against={against} is not a model of {results.name}: use one of {', '.join(models)}")
+    info, _, summary = grid_summary(results, [against] + [m for m in models if m != against])
+    again = f"python compare.py --name={results.name} --summary --against={shlex.quote(against)}"
+    table = table_markdown(summary, info)
+    (results / f"against-{slug(against)}.md").write_text(
+        f"# {results.name}, against {against}\n\nMade by `{again}` from the logs (the grid's commands: table.md).\n\n"
+        + table)
     return table
 
 
@@ -1126,6 +1150,8 @@ def parse_args(argv):
                              "speed.json, then make the table again with those times")
     parser.add_argument("--across", default="", help="comma-separated grids (with their summary.json): their "
                                                      "models side by side in results/NAME/, no training")
+    parser.add_argument("--against", default="", help="with --summary: another of the grid's models as the baseline, "
+                                                      "into results/NAME/against-<model>.md (table.md stays)")
     parser.add_argument("--markdown", action="store_true", help="print table.md when done")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time (e.g. 2 on a 2-core CPU); each gets cores/jobs CPU threads unless OMP_NUM_THREADS is set")
@@ -1149,6 +1175,8 @@ def parse_args(argv):
     if args.across and (train_flags or args.summary or args.speed or given & {"--seeds", "--lengths", "--jobs"}):
         parser.error("--across reads the grids' summaries: no train.py flags, --seeds, --lengths, --jobs, --summary "
                      "or --speed with it")
+    if args.against and not args.summary:
+        parser.error("--against makes a table from the logs: use it with --summary")
     if args.across and (len(set(args.across)) < 2 or len(set(args.across)) < len(args.across)):
         parser.error(f"--across={','.join(args.across)}: name two or more different grids")
     if args.across and (args.name in args.across or (Path(args.results) / args.name / "compare.json").exists()):
@@ -1168,6 +1196,9 @@ def main(argv=None):
             sys.exit(f"error: {results}/compare.json not found: run the grid first (without --summary or --speed)")
         if args.speed:
             measure_speed(results, args.models.split(",") if args.models else None)
+        if args.against:
+            print(report_against(results, args.against))
+            return
         print(report(results, args.models.split(",") if args.models else None))
         return
     import gpt

@@ -551,3 +551,23 @@ def test_an_unfinished_run_is_not_removed_while_a_live_run_holds_its_folder(tmp_
         why = compare.remove_unfinished(out_dir)
         assert "in use by another run" in why and (out_dir / "log.jsonl").exists()
     assert compare.remove_unfinished(out_dir) is None and not out_dir.exists()
+
+
+def test_against_makes_the_table_with_another_baseline_and_leaves_the_grids(tmp_path):
+    """--summary --against=MODEL: Δ and p against that model, into against-<MODEL>.md; table.md and
+    summary.json are the grid's, as they were. A model the grid lacks is refused, naming those it has."""
+    grid = tmp_path / "results" / "g"
+    write_grid(grid, [], {"gpt": [2.0, 2.1, 2.2], "gpt:learning_rate=2e-3": [1.9, 2.05, 2.1], "m": [1.5, 1.7, 1.6]})
+    before = {name: (grid / name).read_text() for name in ("table.md", "summary.json")}
+    out = run(["compare.py", "--name=g", f"--results={tmp_path / 'results'}", "--summary",
+               "--against=gpt:learning_rate=2e-3"]).stdout
+    written = (grid / "against-gpt-learning_rate-2e-3.md").read_text()
+    assert "--summary --against=gpt:learning_rate=2e-3` from the logs" in written
+    assert "| Δ vs gpt:learning_rate=2e-3 |" in written and "| `m` | " in written and "| -0.4167 |" in written
+    assert "| `gpt` | " in written and "| +0.0833 |" in written and out.strip() in written
+    assert {name: (grid / name).read_text() for name in before} == before
+    refused = run(["compare.py", "--name=g", f"--results={tmp_path / 'results'}", "--summary", "--against=dca"],
+                  check=False)
+    assert refused.returncode != 0 and "--against=dca is not a model of g: use one of gpt, gpt:learning_rate=2e-3, m" in refused.stderr
+    alone = run(["compare.py", "--name=g", f"--results={tmp_path / 'results'}", "--against=gpt"], check=False)
+    assert alone.returncode == 2 and "use it with --summary" in alone.stderr
