@@ -957,17 +957,22 @@ def delta_plot(summary, color, path):
     plt.close(fig)
 
 
-def grid_summary(results, models):
-    """The grid's compare.json and the summary of models (models[0] the baseline) from its logs."""
+def grid_summary(results, models=None, baseline=None):
+    """The grid's compare.json, runs, models (given, or the grid's; baseline, if given, moved first)
+    and their summary from its logs (models[0] the baseline)."""
     info = json.loads((results / "compare.json").read_text())
+    models = models or info["models"]
+    if baseline:
+        if baseline not in models:
+            sys.exit(f"error: --against={baseline} is not a model of {results.name}: use one of {', '.join(models)}")
+        models = [baseline] + [m for m in models if m != baseline]
     runs = load_runs(results)
     speed = json.loads((results / "speed.json").read_text()) if (results / "speed.json").exists() else None
-    return info, runs, summarize(runs, models or info["models"], speed)
+    return info, runs, models, summarize(runs, models, speed)
 
 
 def report(results, models=None):
-    info, runs, summary = grid_summary(results, models)
-    models = models or info["models"]
+    info, runs, models, summary = grid_summary(results, models)
     summary["compare"] = info
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     table = table_markdown(summary, info)
@@ -983,10 +988,7 @@ def report(results, models=None):
 def report_against(results, against):
     """results/NAME/against-<model>.md: the grid's table with another of its models as the baseline
     (e.g. gpt at the variants' learning rate); table.md, summary.json and the plots stay as they are."""
-    models = json.loads((results / "compare.json").read_text())["models"]
-    if against not in models:
-        sys.exit(f"error: --against={against} is not a model of {results.name}: use one of {', '.join(models)}")
-    info, _, summary = grid_summary(results, [against] + [m for m in models if m != against])
+    info, _, _, summary = grid_summary(results, baseline=against)
     again = f"python compare.py --name={results.name} --summary --against={shlex.quote(against)}"
     table = table_markdown(summary, info)
     (results / f"against-{slug(against)}.md").write_text(
