@@ -8,6 +8,7 @@ and the baseline's loss-vs-compute curve to turn a loss difference into a comput
     python compare.py --name=deep8 --speed                             # every model's ms/step, one process
     python compare.py --name=deep8 --summary --against=gpt:learning_rate=2e-3  # another of its baselines
     python compare.py --name=depth --across=deep8,deep16               # the same models across grids
+    python compare.py --name=own --across=deep8-xeon,deep16-xeon --own_rates  # each at the rate it has there
 
 Every (model, seed) trains with train.py into out_dir/NAME/<model>-s<seed>/; a finished run is
 skipped and an interrupted one resumes (--init_from=resume), so a grid fills up over several
@@ -27,7 +28,9 @@ table's time columns and loss_vs_time.png then use those.
 
 --across puts grids side by side (their summary.json files, made by --summary): each model's
 Δ vs the baseline with both p-values and its compute multiplier in every grid, one table and
-delta_across.png, in results/NAME/ — e.g. the same models at 8 and 16 layers.
+delta_across.png, in results/NAME/ — e.g. the same models at 8 and 16 layers. It matches rows by
+spec; with --own_rates by model, whatever learning rate each grid trained it at (each cell names
+it): dcmha:learning_rate=2e-3 at 8 layers next to dcmha:learning_rate=1e-3 at 16.
 
 --against=MODEL (with --summary) makes the table again with another of the grid's models as the
 baseline, into results/NAME/against-<MODEL>.md: e.g. each variant against gpt at its own rate.
@@ -1024,6 +1027,36 @@ def model_row(summary, spec):
     return next((r for r in summary["rows"] if r["model"] == spec), None)
 
 
+def learning_rate_of(spec, train_flags):
+    """'dca:dca_k=2;learning_rate=2e-3' -> ('dca:dca_k=2', '2e-3'): the spec without its learning
+    rate, and the rate it trained at (its own, else the grid's --learning_rate, else train.py's default)."""
+    name, _, rest = spec.partition(":")
+    items = [i for i in rest.split(";") if i]
+    own = [i.partition("=")[2] for i in items if i.startswith("learning_rate=")]
+    others = [i for i in items if not i.startswith("learning_rate=")]
+    mantissa, exponent = f"{float(own[-1] if own else train_value(train_flags, 'learning_rate')):e}".split("e")
+    rate = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 0.002 -> '2e-3', as the specs write it
+    return name + (":" + ";".join(others) if others else ""), rate
+
+
+def by_model(summaries, base):
+    """--own_rates: each grid's rows renamed by model (the spec without its learning rate), the rate
+    kept in "learning_rate"; a grid with one model at two rates is refused (which row would it be?).
+    The baseline's own variants (gpt:learning_rate=2e-3) keep their names: they are not the baseline."""
+    for grid, s in summaries.items():
+        seen = {}
+        for r in s["rows"]:
+            model, rate = learning_rate_of(r["model"], s["compare"]["train_flags"])
+            if r["model"] != base and model == base:
+                model = r["model"]
+            if model in seen:
+                sys.exit(f"error: --own_rates: {grid} trained {model} at more than one learning rate "
+                         f"({seen[model]}, {r['model']}): compare by spec (without --own_rates), or with --models")
+            seen[model] = r["model"]
+            r["model"], r["learning_rate"] = model, rate
+    return summaries
+
+
 def grid_differences(summaries):
     """{grid: the train.py flags it does not share with every other grid}: what the grids vary."""
     flags = {grid: [f for f in s["compare"]["train_flags"] if not f.startswith(("--data_dir=", "--out_dir="))]
@@ -1042,7 +1075,8 @@ def across_markdown(name, again, summaries, base, differs, models):
         found = list(s.get("machines") or {})
         on = ("" if not found else f"; on {found[0]}" if len(found) == 1
               else f"; **on {len(found)} machines** (see its table)") + data_in_brief(s)
-        lines.append(f"- {grid} ({' '.join(differs[grid]) or 'no flag of its own'}): `{base}` "
+        rate = f" at lr {b['learning_rate']}" if "learning_rate" in b else ""  # (--own_rates)
+        lines.append(f"- {grid} ({' '.join(differs[grid]) or 'no flag of its own'}): `{base}`{rate} "
                      f"{b['val_mean']:.4f} ± {b['val_std']:.4f} (n={len(b['seeds'])}){on}")
     lines += ["", "| model | " + " | ".join(f"{g}: Δ vs {base} | p (Welch / paired) | compute ×" for g in grids) + " |",
               "|---|" + "---:|---:|---:|" * len(grids)]
@@ -1053,11 +1087,14 @@ def across_markdown(name, again, summaries, base, differs, models):
             if r is None:
                 cells += ["", "", ""]
                 continue
-            cells += [f"{r['delta']:+.4f} (n={len(r['seeds'])})", f"{fmt_p(r['welch_p'])} / {fmt_p(r['paired_p'])}",
+            rate = f", lr {r['learning_rate']}" if "learning_rate" in r else ""  # (--own_rates)
+            cells += [f"{r['delta']:+.4f} (n={len(r['seeds'])}{rate})", f"{fmt_p(r['welch_p'])} / {fmt_p(r['paired_p'])}",
                       multiplier_cell(r)]
         lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
-    lines += ["", "Δ: the model's mean final val loss − the baseline's in the same grid (nats/token; < 0 is better); "
-              "p: Welch's and the paired t-test (same seed = same batches); compute ×: as in each grid's table, "
+    own = any("learning_rate" in r for s in summaries.values() for r in s["rows"])
+    lines += ["", "Δ: the model's mean final val loss − the baseline's in the same grid (nats/token; < 0 is better)"
+              + ("; lr: the learning rate the model trained at in that grid (--own_rates)" if own else "")
+              + "; p: Welch's and the paired t-test (same seed = same batches); compute ×: as in each grid's table, "
               "with its 95% bootstrap interval."]
     return "\n".join(lines) + "\n"
 
@@ -1069,13 +1106,16 @@ def across_plot(summaries, base, differs, models, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     grids = list(summaries)
-    fig, (ax_delta, ax_mult) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=130)
+    fitted = any(r["compute_multiplier"] is not None and math.isfinite(r["compute_multiplier"])
+                 for s in summaries.values() for r in s["rows"] if r["model"] in models)
+    fig, axes = plt.subplots(1, 2 if fitted else 1, figsize=(11 if fitted else 6.5, 4.8), dpi=130, squeeze=False)
+    ax_delta, ax_mult = axes[0][0], axes[0][-1] if fitted else None  # (no grid with --lengths: no multipliers)
     width = 0.5 / max(len(models), 1)
     colors = model_colors([base, *models])  # (the baseline's own variants shade off its color)
     for i, spec in enumerate(models):
         color = colors[spec]
         offset = (i - (len(models) - 1) / 2) * width
-        for ax, key in ((ax_delta, "delta"), (ax_mult, "compute_multiplier")):
+        for ax, key in ((ax_delta, "delta"), (ax_mult, "compute_multiplier")) if fitted else ((ax_delta, "delta"),):
             xs, ys, lows, highs = [], [], [], []
             for g, s in enumerate(summaries.values()):
                 r = model_row(s, spec)
@@ -1088,17 +1128,23 @@ def across_plot(summaries, base, differs, models, path):
                 highs.append(interval[1] - r[key] if math.isfinite(interval[1]) else 0)  # (∞: in table.md)
                 if key == "delta":
                     ax.scatter([g + offset] * len(r["paired_deltas"]), r["paired_deltas"], s=9, color=color, alpha=0.45, lw=0)
+                    if "learning_rate" in r:  # (--own_rates: the rate it trained at there)
+                        ax.annotate(r["learning_rate"], (g + offset, r[key]), xytext=(6, -3), textcoords="offset points",
+                                    fontsize=6.5, color=color, ha="left", va="top")
             ax.errorbar(xs, ys, yerr=[lows, highs], color=color, marker="o", ms=5, capsize=3, lw=1.6,
                         label=spec if key == "delta" else None)
     labels = [f"{g}\n{' '.join(differs[g])}" for g in grids]
     ax_delta.axhline(0, color="black", lw=1)
     ax_delta.set_ylabel(f"final val loss − {base}'s (nats/token; < 0 is better)")
-    ax_delta.set_title("Δ vs the baseline: mean, Welch's 95% CI;\ndots: each seed − the baseline's same seed", fontsize=9)
-    ax_mult.axhline(1, color="black", lw=1)
-    ax_mult.set_ylabel(f"compute multiplier (× {base}'s training FLOPs)")
-    ax_mult.set_title("the baseline's compute the gain is worth\n(95% bootstrap interval over seeds; ∞ in table.md only)",
-                      fontsize=9)
-    for ax in (ax_delta, ax_mult):
+    own = any("learning_rate" in r for s in summaries.values() for r in s["rows"])
+    ax_delta.set_title("Δ vs the baseline: mean, Welch's 95% CI;\ndots: each seed − the baseline's same seed"
+                       + ("; labels: the learning rate" if own else ""), fontsize=9)
+    if fitted:
+        ax_mult.axhline(1, color="black", lw=1)
+        ax_mult.set_ylabel(f"compute multiplier (× {base}'s training FLOPs)")
+        ax_mult.set_title("the baseline's compute the gain is worth\n(95% bootstrap interval over seeds; ∞ in table.md only)",
+                          fontsize=9)
+    for ax in axes[0]:
         ax.set_xticks(range(len(grids)), labels)
         ax.set_xlim(-0.5, len(grids) - 0.5)
         ax.grid(axis="y", alpha=0.3)
@@ -1108,10 +1154,13 @@ def across_plot(summaries, base, differs, models, path):
     plt.close(fig)
 
 
-def across(root, name, grids, models=None):
-    """results/NAME/table.md and delta_across.png: the models of every grid (or those given), side by side."""
+def across(root, name, grids, models=None, own_rates=False):
+    """results/NAME/table.md and delta_across.png: the models of every grid (or those given), side by
+    side; matched by spec, or with own_rates by model at whatever learning rate each grid has it."""
     summaries = load_grids(root, grids)
     base = next(iter(summaries.values()))["baseline"]
+    if own_rates:
+        summaries = by_model(summaries, base)
     in_all = [r["model"] for r in summaries[grids[0]]["rows"]
               if r["model"] != base and all(model_row(s, r["model"]) for s in summaries.values())]
     named = bool(models)
@@ -1127,7 +1176,7 @@ def across(root, name, grids, models=None):
                  f" in every grid ({', '.join(grids)}); name some with --models"))
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
-    again = f"python compare.py --name={name} --across={','.join(grids)}" + (
+    again = f"python compare.py --name={name} --across={','.join(grids)}" + (" --own_rates" if own_rates else "") + (
         f" --models={','.join(models)}" if models != in_all else "")
     differs = grid_differences(summaries)
     table = across_markdown(name, again, summaries, base, differs, models)
@@ -1152,6 +1201,8 @@ def parse_args(argv):
                              "speed.json, then make the table again with those times")
     parser.add_argument("--across", default="", help="comma-separated grids (with their summary.json): their "
                                                      "models side by side in results/NAME/, no training")
+    parser.add_argument("--own_rates", action="store_true", help="with --across: match each model's rows by model, "
+                                                                    "whatever learning rate each grid trained it at")
     parser.add_argument("--against", default="", help="with --summary: another of the grid's models as the baseline, "
                                                       "into results/NAME/against-<model>.md (table.md stays)")
     parser.add_argument("--markdown", action="store_true", help="print table.md when done")
@@ -1177,6 +1228,8 @@ def parse_args(argv):
     if args.across and (train_flags or args.summary or args.speed or given & {"--seeds", "--lengths", "--jobs"}):
         parser.error("--across reads the grids' summaries: no train.py flags, --seeds, --lengths, --jobs, --summary "
                      "or --speed with it")
+    if args.own_rates and not args.across:
+        parser.error("--own_rates matches the rows of grids put side by side: use it with --across")
     if args.against and not args.summary:
         parser.error("--against makes a table from the logs: use it with --summary")
     if args.across and (len(set(args.across)) < 2 or len(set(args.across)) < len(args.across)):
@@ -1190,7 +1243,8 @@ def main(argv=None):
     args, train_flags = parse_args(sys.argv[1:] if argv is None else argv)
     results = Path(args.results) / args.name
     if args.across:
-        table = across(Path(args.results), args.name, args.across, args.models.split(",") if args.models else None)
+        table = across(Path(args.results), args.name, args.across, args.models.split(",") if args.models else None,
+                       args.own_rates)
         print(table if args.markdown else f"wrote {results}/table.md and delta_across.png")
         return
     if args.summary or args.speed:

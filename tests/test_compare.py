@@ -361,6 +361,38 @@ def test_across_puts_the_grids_models_side_by_side(tmp_path, capsys):
         compare.main([f"--results={tmp_path}", "--name=depth", "--across=g8,other"])
 
 
+def test_across_with_own_rates_matches_each_model_at_the_rate_each_grid_has_it(tmp_path, capsys):
+    write_grid(tmp_path / "g8", ["--n_layer=8", "--learning_rate=4e-3"],
+               {"gpt": [2.0, 2.1, 2.2], "dcmha:learning_rate=2e-3": [1.9, 2.0, 2.05],
+                "gpt:learning_rate=2e-3": [2.0, 2.05, 2.2], "dca:dca_k=2;learning_rate=2e-3": [2.0, 2.1, 2.1]})
+    write_grid(tmp_path / "g16", ["--n_layer=16"],  # at train.py's default rate
+               {"gpt": [2.0, 2.2, 2.3], "dcmha:learning_rate=1e-3": [1.8, 2.0, 2.15],
+                "gpt:learning_rate=2e-3": [2.1, 2.2, 2.3], "dca:dca_k=2": [2.0, 2.2, 2.2]})
+    compare.main([f"--results={tmp_path}", "--name=own", "--across=g8,g16"])  # by spec: nothing in both but gpt:2e-3
+    assert "`dcmha" not in (tmp_path / "own" / "table.md").read_text()
+    compare.main([f"--results={tmp_path}", "--name=own", "--across=g8,g16", "--own_rates"])
+    table = (tmp_path / "own" / "table.md").read_text()
+    assert "`python compare.py --name=own --across=g8,g16 --own_rates`" in table
+    assert "- g8 (--n_layer=8 --learning_rate=4e-3): `gpt` at lr 4e-3 2.1000" in table
+    assert f"- g16 (--n_layer=16): `gpt` at lr {compare.learning_rate_of('gpt', [])[1]} 2.1667" in table
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| `")}
+    assert list(rows) == ["`dcmha`", "`gpt:learning_rate=2e-3`", "`dca:dca_k=2`"]  # the baseline's variant keeps its name
+    assert rows["`dcmha`"][0] == "-0.1167 (n=3, lr 2e-3)" and rows["`dcmha`"][3] == "-0.1833 (n=3, lr 1e-3)"
+    assert rows["`gpt:learning_rate=2e-3`"][0] == "-0.0167 (n=3, lr 2e-3)"
+    assert rows["`dca:dca_k=2`"][3].endswith(f", lr {compare.learning_rate_of('gpt', [])[1]})")
+    assert compare.learning_rate_of("dca:dca_k=2;learning_rate=2.5e-4", []) == ("dca:dca_k=2", "2.5e-4")
+    assert (tmp_path / "own" / "delta_across.png").stat().st_size > 0
+    write_grid(tmp_path / "sweep", ["--n_layer=8"], {"gpt": [2.0, 2.1, 2.2], "dca:learning_rate=1e-3": [2.1, 2.1, 2.3],
+                                                     "dca:learning_rate=2e-3": [2.0, 2.2, 2.1]})
+    with pytest.raises(SystemExit, match=r"sweep trained dca at more than one learning rate \(dca:learning_rate=1e-3, "
+                                         r"dca:learning_rate=2e-3\)"):
+        compare.main([f"--results={tmp_path}", "--name=own", "--across=g8,sweep", "--own_rates"])
+    with pytest.raises(SystemExit):
+        compare.main([f"--results={tmp_path}", "--name=g8", "--summary", "--own_rates"])
+    assert "use it with --across" in capsys.readouterr().err
+
+
 def test_across_draws_what_it_can_of_an_infinite_multiplier(tmp_path):
     """A model below the fitted law's asymptote needs infinite baseline compute: ∞ in the table,
     left out of the plot (which still draws)."""
