@@ -1078,24 +1078,27 @@ def across_markdown(name, again, summaries, base, differs, models):
         rate = f" at lr {b['learning_rate']}" if "learning_rate" in b else ""  # (--own_rates)
         lines.append(f"- {grid} ({' '.join(differs[grid]) or 'no flag of its own'}): `{base}`{rate} "
                      f"{b['val_mean']:.4f} ± {b['val_std']:.4f} (n={len(b['seeds'])}){on}")
-    lines += ["", "| model | " + " | ".join(f"{g}: Δ vs {base} | p (Welch / paired) | compute ×" for g in grids) + " |",
-              "|---|" + "---:|---:|---:|" * len(grids)]
+    fitted = any(r["compute_multiplier"] is not None for s in summaries.values() for r in s["rows"] if r["model"] in models)
+    compute = " | compute ×" if fitted else ""  # (no grid with --lengths: no column of dashes)
+    lines += ["", "| model | " + " | ".join(f"{g}: Δ vs {base} | p (Welch / paired){compute}" for g in grids) + " |",
+              "|---|" + ("---:|---:|---:|" if fitted else "---:|---:|") * len(grids)]
     for spec in models:
         cells = []
         for s in summaries.values():
             r = model_row(s, spec)
             if r is None:
-                cells += ["", "", ""]
+                cells += ["", "", ""][:3 if fitted else 2]
                 continue
             rate = f", lr {r['learning_rate']}" if "learning_rate" in r else ""  # (--own_rates)
-            cells += [f"{r['delta']:+.4f} (n={len(r['seeds'])}{rate})", f"{fmt_p(r['welch_p'])} / {fmt_p(r['paired_p'])}",
-                      multiplier_cell(r)]
+            cells += [f"{r['delta']:+.4f} (n={len(r['seeds'])}{rate})", f"{fmt_p(r['welch_p'])} / {fmt_p(r['paired_p'])}"]
+            cells += [multiplier_cell(r)] if fitted else []
         lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
     own = any("learning_rate" in r for s in summaries.values() for r in s["rows"])
     lines += ["", "Δ: the model's mean final val loss − the baseline's in the same grid (nats/token; < 0 is better)"
               + ("; lr: the learning rate the model trained at in that grid (--own_rates)" if own else "")
-              + "; p: Welch's and the paired t-test (same seed = same batches); compute ×: as in each grid's table, "
-              "with its 95% bootstrap interval."]
+              + "; p: Welch's and the paired t-test (same seed = same batches)"
+              + ("; compute ×: as in each grid's table, with its 95% bootstrap interval." if fitted
+                 else ". No grid ran its baseline at several lengths (--lengths): no compute multipliers.")]
     return "\n".join(lines) + "\n"
 
 
