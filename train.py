@@ -13,6 +13,7 @@ Flags are the fields of TrainConfig below and of the chosen model's config datac
 
 import argparse
 import contextlib
+import gc
 import inspect
 import json
 import math
@@ -719,7 +720,9 @@ def main(argv=None):
             print(f"resuming from {ckpt_path} at step {trainer.step}"
                   + (f", with {' '.join(overrides)}" if overrides else " with its flags"))
         trainer.run(start_record(argv, c, config, system, trainer.step if c.init_from == "resume" else None))
+        del trainer  # its DDP wrapper holds the process group: freed here, not at interpreter exit
     if world > 1:
+        gc.collect()  # (with any reference cycle through it), before the group is destroyed
         # wait for rank 0's last checkpoint before tearing down: a rank that destroys its gloo
         # group while a peer is still busy can abort ("terminate called without an active exception")
         torch.distributed.barrier()

@@ -516,7 +516,10 @@ def test_ddp_eval_with_fewer_val_batches_than_processes(data, tmp_path):
                              f"--data_dir={data}", f"--out_dir={out}", *TINY, "--eval_iters=1", "--max_iters=2",
                              "--eval_interval=1", "--gradient_accumulation_steps=2"],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # (once in ~100 runs on a loaded 2-core VM a rank has aborted in gloo's teardown, "terminate called
+    # without an active exception": the message says how far the run got, for the next time)
+    assert result.returncode == 0, (f"{result.stderr[:2000]}\n...\n{result.stderr[-3000:]}\nstdout:\n{result.stdout[-2000:]}"
+                                    f"\ncheckpoint saved: {(out / 'ckpt.pt').exists()}")
     log = [r for r in log_records(out) if "step" in r]
     assert [r["step"] for r in log if "val" in r] == [1, 2] and all(np.isfinite(r["val"]) for r in log)
 
