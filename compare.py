@@ -1065,8 +1065,9 @@ def grid_differences(summaries):
     return {grid: [f for f in f_list if f not in shared] for grid, f_list in flags.items()}
 
 
-def across_markdown(name, again, summaries, base, differs, models):
-    """One row per model: in each grid its Δ vs the baseline (n), p (Welch / paired), compute ×."""
+def across_markdown(name, again, summaries, base, differs, models, own_rates):
+    """One row per model: in each grid its Δ vs the baseline (n), p (Welch / paired), compute ×;
+    with own_rates, the learning rate the model trained at there."""
     grids = list(summaries)
     lines = [f"# {name}", "",
              f"Made by `{again}`, from each grid's summary.json (`python compare.py --name=GRID --summary`):", ""]
@@ -1075,7 +1076,7 @@ def across_markdown(name, again, summaries, base, differs, models):
         found = list(s.get("machines") or {})
         on = ("" if not found else f"; on {found[0]}" if len(found) == 1
               else f"; **on {len(found)} machines** (see its table)") + data_in_brief(s)
-        rate = f" at lr {b['learning_rate']}" if "learning_rate" in b else ""  # (--own_rates)
+        rate = f" at lr {b['learning_rate']}" if own_rates else ""
         lines.append(f"- {grid} ({' '.join(differs[grid]) or 'no flag of its own'}): `{base}`{rate} "
                      f"{b['val_mean']:.4f} ± {b['val_std']:.4f} (n={len(b['seeds'])}){on}")
     fitted = any(r["compute_multiplier"] is not None for s in summaries.values() for r in s["rows"] if r["model"] in models)
@@ -1089,20 +1090,19 @@ def across_markdown(name, again, summaries, base, differs, models):
             if r is None:
                 cells += ["", "", ""][:3 if fitted else 2]
                 continue
-            rate = f", lr {r['learning_rate']}" if "learning_rate" in r else ""  # (--own_rates)
+            rate = f", lr {r['learning_rate']}" if own_rates else ""
             cells += [f"{r['delta']:+.4f} (n={len(r['seeds'])}{rate})", f"{fmt_p(r['welch_p'])} / {fmt_p(r['paired_p'])}"]
             cells += [multiplier_cell(r)] if fitted else []
         lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
-    own = any("learning_rate" in r for s in summaries.values() for r in s["rows"])
     lines += ["", "Δ: the model's mean final val loss − the baseline's in the same grid (nats/token; < 0 is better)"
-              + ("; lr: the learning rate the model trained at in that grid (--own_rates)" if own else "")
+              + ("; lr: the learning rate the model trained at in that grid (--own_rates)" if own_rates else "")
               + "; p: Welch's and the paired t-test (same seed = same batches)"
               + ("; compute ×: as in each grid's table, with its 95% bootstrap interval." if fitted
                  else ". No grid ran its baseline at several lengths (--lengths): no compute multipliers.")]
     return "\n".join(lines) + "\n"
 
 
-def across_plot(summaries, base, differs, models, path):
+def across_plot(summaries, base, differs, models, own_rates, path):
     """Per model, its Δ vs the baseline in each grid (Welch's 95% CI, each seed's paired Δ as a dot)
     and its compute multiplier (95% bootstrap interval), the grids along x."""
     import matplotlib
@@ -1131,7 +1131,7 @@ def across_plot(summaries, base, differs, models, path):
                 highs.append(interval[1] - r[key] if math.isfinite(interval[1]) else 0)  # (∞: in table.md)
                 if key == "delta":
                     ax.scatter([g + offset] * len(r["paired_deltas"]), r["paired_deltas"], s=9, color=color, alpha=0.45, lw=0)
-                    if "learning_rate" in r:  # (--own_rates: the rate it trained at there)
+                    if own_rates:  # the rate it trained at there
                         ax.annotate(r["learning_rate"], (g + offset, r[key]), xytext=(6, -3), textcoords="offset points",
                                     fontsize=6.5, color=color, ha="left", va="top")
             ax.errorbar(xs, ys, yerr=[lows, highs], color=color, marker="o", ms=5, capsize=3, lw=1.6,
@@ -1139,9 +1139,8 @@ def across_plot(summaries, base, differs, models, path):
     labels = [f"{g}\n{' '.join(differs[g])}" for g in grids]
     ax_delta.axhline(0, color="black", lw=1)
     ax_delta.set_ylabel(f"final val loss − {base}'s (nats/token; < 0 is better)")
-    own = any("learning_rate" in r for s in summaries.values() for r in s["rows"])
     ax_delta.set_title("Δ vs the baseline: mean, Welch's 95% CI;\ndots: each seed − the baseline's same seed"
-                       + ("; labels: the learning rate" if own else ""), fontsize=9)
+                       + ("; labels: the learning rate" if own_rates else ""), fontsize=9)
     if fitted:
         ax_mult.axhline(1, color="black", lw=1)
         ax_mult.set_ylabel(f"compute multiplier (× {base}'s training FLOPs)")
@@ -1182,9 +1181,9 @@ def across(root, name, grids, models=None, own_rates=False):
     again = f"python compare.py --name={name} --across={','.join(grids)}" + (" --own_rates" if own_rates else "") + (
         f" --models={','.join(models)}" if models != in_all else "")
     differs = grid_differences(summaries)
-    table = across_markdown(name, again, summaries, base, differs, models)
+    table = across_markdown(name, again, summaries, base, differs, models, own_rates)
     (out / "table.md").write_text(table)
-    across_plot(summaries, base, differs, models, out / "delta_across.png")
+    across_plot(summaries, base, differs, models, own_rates, out / "delta_across.png")
     return table
 
 
