@@ -1022,6 +1022,18 @@ def load_grids(root, grids):
     return summaries
 
 
+def seed_list(seeds):
+    """[1, 2, 3, 5] -> 'seeds 1-3, 5': which seeds, so that two grids' overlap shows."""
+    spans = []
+    for seed in sorted(seeds):
+        if spans and seed == spans[-1][1] + 1:
+            spans[-1][1] = seed
+        else:
+            spans.append([seed, seed])
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(
+        str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def model_row(summary, spec):
     """The row of one model in a grid's summary.json; None if the grid did not train it."""
     return next((r for r in summary["rows"] if r["model"] == spec), None)
@@ -1078,7 +1090,7 @@ def across_markdown(name, again, summaries, base, differs, models, own_rates):
               else f"; **on {len(found)} machines** (see its table)") + data_in_brief(s)
         rate = f" at lr {b['learning_rate']}" if own_rates else ""
         lines.append(f"- {grid} ({' '.join(differs[grid]) or 'no flag of its own'}): `{base}`{rate} "
-                     f"{b['val_mean']:.4f} ± {b['val_std']:.4f} (n={len(b['seeds'])}){on}")
+                     f"{b['val_mean']:.4f} ± {b['val_std']:.4f} (n={len(b['seeds'])}, {seed_list(b['seeds'])}){on}")
     fitted = any(r["compute_multiplier"] is not None for s in summaries.values() for r in s["rows"] if r["model"] in models)
     compute = " | compute ×" if fitted else ""  # (no grid with --lengths: no column of dashes)
     lines += ["", "| model | " + " | ".join(f"{g}: Δ vs {base} | p (Welch / paired){compute}" for g in grids) + " |",

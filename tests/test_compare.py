@@ -329,7 +329,9 @@ def test_across_puts_the_grids_models_side_by_side(tmp_path, capsys):
     compare.main([f"--results={tmp_path}", "--name=depth", "--across=g8,g16"])
     table = (tmp_path / "depth" / "table.md").read_text()
     assert "`python compare.py --name=depth --across=g8,g16`" in table
-    assert "- g8 (--n_layer=8): `gpt` 2.1000 ± 0.1000 (n=3)" in table  # what differs; paths are no difference
+    assert "- g8 (--n_layer=8): `gpt` 2.1000 ± 0.1000 (n=3, seeds 1-3)" in table  # what differs; paths are no difference
+    assert [compare.seed_list(s) for s in ([4], [6, 7, 8, 9, 10], [1, 2, 3, 5], [1, 3])] == [
+        "seed 4", "seeds 6-10", "seeds 1-3, 5", "seeds 1, 3"]  # which seeds: does a second grid reuse them?
     row = next(line for line in table.splitlines() if line.startswith("| `m` |"))
     cells = [c.strip() for c in row.split("|")[2:-1]]
     assert cells[0] == "-0.1167 (n=3)" and cells[3] == f"{law(150) - law(100):+.4f} (n=3)"  # Δ vs its own gpt
