@@ -1,5 +1,6 @@
 """README.md points at committed files: its links, its anchors and the result paths it cites exist,
-so that renaming a results folder or a heading cannot leave the README pointing at nothing."""
+so that renaming a results folder or a heading cannot leave the README pointing at nothing; and
+its result tables are copies of committed ones, so that a grid made again cannot leave a stale copy."""
 import re
 from pathlib import Path
 
@@ -39,3 +40,34 @@ def test_the_result_and_test_paths_it_cites_exist():
     paths = [p.rstrip("/") for p in cited if not re.search(r"[<>{}]", p)]
     missing = [p for p in paths if not (any(ROOT.glob(p)) if "*" in p else (ROOT / p).exists())]
     assert not missing, f"README cites paths that do not exist: {sorted(missing)}"
+
+
+def markdown_tables(text):
+    """[[row, ...], ...]: each run of lines that start with '|', stripped."""
+    tables, rows = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            rows.append(line.strip())
+        elif rows:
+            tables.append(rows)
+            rows = []
+    return tables
+
+
+def test_result_tables_are_copies_of_committed_tables():
+    """A README table whose header is a results/ file's (compare.py's, the GPU script's, bench.py's) must be
+    lines of one such file (some rows of it may be left out): typed by hand, or left behind when the grid
+    was made again (other numbers), it would not be."""
+    files = {p: set(line.strip() for line in p.read_text().splitlines())
+             for p in ROOT.glob("results/**/*") if p.suffix in (".md", ".txt") and p.is_file()}
+    copied = 0
+    for rows in markdown_tables(README):
+        sources = [p for p, lines in files.items() if rows[0] in lines]
+        if not sources:
+            continue  # the README's own tables (the files, the papers)
+        copied += 1
+        best = min(sources, key=lambda p: sum(r not in files[p] for r in rows))
+        assert all(r in files[best] for r in rows), (
+            f"a README table is no copy of {best.relative_to(ROOT)}: rows not in it: "
+            f"{[r[:100] for r in rows if r not in files[best]]}")
+    assert copied >= 10, f"only {copied} README tables found in results/: has the tables' format changed?"
