@@ -379,6 +379,10 @@ def speed_specs(train_flags, models):
     return mapping, shape, base_c
 
 
+SPEED_REPEATS = 30  # bench.py's median over 10 steps moved a ratio by up to 0.2 between two runs on a shared
+                   # 2-core VM (resformer 1.12x, then 0.92x); over 30, by 0.03 (2026-11-28)
+
+
 def measure_speed(results, models):
     """Run bench.py once for all the grid's models at its shape, in its dtype, on its kind of device;
     write results/NAME/speed.json."""
@@ -399,7 +403,8 @@ def measure_speed(results, models):
     bench_specs = list(dict.fromkeys(mapping.values()))
     argv = ["--json", f"--models={','.join(bench_specs)}", f"--batch_size={c.batch_size}",
             *[f"--{k}={v}" for k, v in shape.items()], f"--vocab_size={meta['vocab_size']}",
-            f"--device={device.type}", f"--dtype={c.dtype}", *(["--compile"] if use_compile else [])]
+            f"--device={device.type}", f"--dtype={c.dtype}", f"--repeats={SPEED_REPEATS}",
+            *(["--compile"] if use_compile else [])]
     print(f"timing {len(bench_specs)} model(s) in one process: {shown_command('bench.py', argv)}", flush=True)
     done = subprocess.run([sys.executable, "bench.py", *argv], cwd=ROOT, capture_output=True, text=True)
     try:
