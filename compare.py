@@ -1167,9 +1167,10 @@ def across_plot(summaries, base, differs, models, own_rates, path):
         ax.set_xticks(range(len(grids)), labels)
         ax.set_xlim(-0.5, len(grids) - 0.5)
         ax.grid(axis="y", alpha=0.3)
-    ax_delta.legend(fontsize=8)
+    ax_delta.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+                    frameon=False)  # below the axes: over them it hides the points
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
