@@ -260,7 +260,7 @@ def test_the_table_says_where_its_runs_trained(tmp_path, capsys):
     assert "Trained on: an unrecorded machine (all 4 runs)." in (tmp_path / "h" / "table.md").read_text()
     compare.main([f"--results={tmp_path}", "--name=both", "--across=g,h"])
     across = (tmp_path / "both" / "table.md").read_text()
-    assert "(n=2); **on 2 machines** (see its table)" in across and "(n=2); on an unrecorded machine" in across
+    assert "(n=2, seeds 1-2); **on 2 machines** (see its table)" in across and "(n=2, seeds 1-2); on an unrecorded machine" in across
     for name, (val_tokens, split) in {"gpt-s1": (50, "documents"), "gpt-s2": (50, "documents"),
                                       "m-s1": (50, "documents"), "m-s2": (52, "tokens")}.items():
         info = tmp_path / "g" / "runs" / name / "run.json"
