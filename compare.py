@@ -380,7 +380,8 @@ def speed_specs(train_flags, models):
 
 
 SPEED_REPEATS = 30  # bench.py's median over 10 steps moved a ratio by up to 0.2 between two runs on a shared
-                   # 2-core VM (resformer 1.12x, then 0.92x); over 30, by 0.03 (2026-11-28)
+                   # 2-core VM (resformer 1.12x, then 0.92x); over 30, by up to 0.06, but AttnRes's by 0.17
+                   # (1.38x, then 1.55x) (2026-11-28)
 
 
 def measure_speed(results, models):
