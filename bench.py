@@ -7,8 +7,9 @@ Speed and memory of every model at one shape, side by side, as ratios to the bas
     python bench.py --markdown                         # the README's tables
 
 Timing: forward + backward of one batch, all models in ONE process, interleaved (model A,
-B, C, A, B, C, ...) so that a slow moment of the machine hits every model alike; the median
-over the repeats. Memory: on CUDA the peak allocated memory of a step; on CPU the peak RSS
+B, C, A, B, C, ...) so that a slow moment of the machine hits every model alike; ms/step is the
+median over the repeats, and "× gpt" the median of the per-repeat ratios (each model's step over
+gpt's step of the same round, paired), which a machine that drifts between rounds moves less. Memory: on CUDA the peak allocated memory of a step; on CPU the peak RSS
 a fresh process gains over its start while it builds the model and runs two steps (each
 model in its own process, since RSS never goes down).
 
@@ -232,9 +233,14 @@ def profile_steps(runs, args, device, folder, steps=2):
             f"{spec}: ms per step of {'CUDA kernels' if cuda else 'CPU ops (self time)'}: {summary}\n\n{top}\n")
 
 
+def paired_ratio(times, base_times):
+    """The median over rounds of times[i] / base_times[i]: the step-time ratio of two models timed
+    interleaved, each round's slowness of the machine cancelled (unlike median(times) / median(base))."""
+    return statistics.median(t / b for t, b in zip(times, base_times, strict=True))
+
+
 def result_rows(runs, args, peak):
     """One row per model: speed, MFU (None without a known peak), memory and KV cache, and their ratios to gpt."""
-    base_ms = statistics.median(runs["gpt"]["times"]) * 1000
     base_mem = runs["gpt"]["mem"]
     rows = []
     for spec, run in runs.items():
@@ -243,7 +249,9 @@ def result_rows(runs, args, peak):
         rows.append({"model": spec, "params": run["params"], "ms_per_step": round(ms, 2),
                      "tokens_per_s": round(tokens_per_s), "flops_per_token": run["flops_per_token"],
                      "mfu": None if peak is None else round(run["flops_per_token"] * tokens_per_s / peak, 4),
-                     "peak_mem_mb": round(run["mem"], 1), "ratio_to_gpt": round(ms / base_ms, 3),
+                     "peak_mem_mb": round(run["mem"], 1),
+                     "ratio_to_gpt": round(paired_ratio(run["times"], runs["gpt"]["times"]), 3),
+                     "step_ms": [round(t * 1000, 2) for t in run["times"]],  # every round's, in order
                      "mem_ratio_to_gpt": round(run["mem"] / base_mem, 3),
                      "kv_bytes_per_token": run["kv_bytes_per_token"],  # float32, after block_size tokens
                      "kv_ratio_to_gpt": round(run["kv_bytes_per_token"] / runs["gpt"]["kv_bytes_per_token"], 3)})
@@ -255,7 +263,8 @@ def result_rows(runs, args, peak):
 def print_table(rows, args, device, dtype):
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     title = (f"{where} | {dtype} | batch {args.batch_size} x {args.block_size} tokens | n_layer {args.n_layer} "
-             f"n_head {args.n_head} n_embd {args.n_embd} vocab {args.vocab_size} | fwd+bwd, median of {args.repeats}"
+             f"n_head {args.n_head} n_embd {args.n_embd} vocab {args.vocab_size} | fwd+bwd, median of {args.repeats} "
+             f"interleaved rounds (× gpt: of the per-round ratios)"
              f"{' | compiled' if args.compile else ''} | torch {torch.__version__}")
     mfu = lambda r: "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"  # noqa: E731
     if args.markdown:

@@ -419,10 +419,12 @@ def measure_speed(results, models):
         if timed and timed["params"] != run["params"]:
             sys.exit(f"error: bench.py built {run['model']} with {timed['params']:,} parameters, its runs have "
                      f"{run['params']:,}: not the same model")
-    # bench times one micro-batch's forward and backward: an optimizer step is gradient_accumulation_steps of them
-    speed = {"command": shown_command("bench.py", argv), "models": mapping,
-             "ms_per_step": {spec: rows[bench]["ms_per_step"] * c.gradient_accumulation_steps
-                             for spec, bench in mapping.items()},
+    # bench times one micro-batch's forward and backward: an optimizer step is gradient_accumulation_steps of them.
+    # Each model's ms/step is gpt's times the model's paired ratio to it (bench's ratio_to_gpt: the median of
+    # per-round ratios), so that the table's and the plots' time ratios are those paired ratios
+    gpt_ms = rows["gpt"]["ms_per_step"] * c.gradient_accumulation_steps
+    speed = {"command": shown_command("bench.py", argv), "models": mapping, "paired": True,
+             "ms_per_step": {spec: gpt_ms * rows[bench]["ratio_to_gpt"] for spec, bench in mapping.items()},
              "params": {spec: rows[bench]["params"] for spec, bench in mapping.items()},
              "bench": list(rows.values()), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
              else device.type, **environment(),
@@ -685,8 +687,8 @@ def summarize(runs, models, speed=None):
         if row["steps_to_gpt_loss"] is not None:  # and the time those steps take, over the baseline's
             row["time_to_gpt_loss"] = row["steps_to_gpt_loss"] * ms_per_step[spec] / ms_per_step[base]
         rows.append(row)
-    source = ({key: speed[key] for key in ("command", "device", "threads", "hostname_cpu", "torch", "measured")}
-              if timed else "the training logs")
+    source = ({key: speed[key] for key in ("command", "device", "threads", "hostname_cpu", "torch", "measured", "paired")
+               if key in speed} if timed else "the training logs")
     used = [r for rs in main.values() for r in rs] + [r for r in lengths if r["length"] != 1.0]
     return {"baseline": base, "fit": fit, "lengths": {str(k): v for k, v in sorted(by_length.items())},
             "ms_per_step_from": source, "machines": machines(used), "datasets": group_runs(used, data_of), "rows": rows}
@@ -795,9 +797,11 @@ def speed_note(summary):
         return ("ms/step: the median of each run's logged step times, averaged over seeds; runs from different "
                 "sittings or machines do not compare (compare.py --speed times all models in one process). ")
     where = source["device"] if source["device"] != "cpu" else f"{source['hostname_cpu']}, {source['threads']} thread(s)"
+    paired = (" gpt's median step, and each model's as gpt's times the median of its per-round ratios to gpt's"
+              if source.get("paired") else "")
     return (f"ms/step: every model timed in one process, interleaved, at the grid's shape, by compare.py --speed "
             f"({source['command']}; {where}, torch {source['torch']}, {source['measured']}; forward and backward, "
-            f"the optimizer step left out). ")
+            f"the optimizer step left out){':' + paired if paired else ''}. ")
 
 
 # one color per model, the same in every figure (analyze.py's too); a model's second, third, ... variant

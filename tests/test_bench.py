@@ -21,7 +21,8 @@ def test_bench_json_has_every_key_and_ratio_to_gpt():
     assert [r["model"] for r in rows] == ["gpt", "dca:dca_k=1;grn=v2", "resformer:value_residual=learnable"]
     for r in rows:
         assert set(r) == {"model", "params", "ms_per_step", "tokens_per_s", "flops_per_token", "mfu", "peak_mem_mb",
-                          "ratio_to_gpt", "mem_ratio_to_gpt", "kv_bytes_per_token", "kv_ratio_to_gpt"}
+                          "ratio_to_gpt", "step_ms", "mem_ratio_to_gpt", "kv_bytes_per_token", "kv_ratio_to_gpt"}
+        assert len(r["step_ms"]) == 2 and abs(r["ms_per_step"] - sum(r["step_ms"]) / 2) <= 0.011  # median of 2 repeats
         assert r["params"] > 0 and r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
         assert r["mfu"] is None  # a CPU is in no peak table: no MFU rather than a wrong one
     assert rows[0]["ratio_to_gpt"] == 1.0 and rows[0]["mem_ratio_to_gpt"] == 1.0
@@ -72,6 +73,16 @@ def test_bench_profile_sorts_the_time_by_kind_and_writes_each_models_top_kernels
         assert (tmp_path / f"{r['model']}.txt").read_text().startswith(f"{r['model']}: ms per step of CPU ops")
     table = bench("--models=gpt", "--markdown", f"--profile={tmp_path}").stdout
     assert "where the time goes" in table and table.count("| `gpt` |") == 2
+
+
+def test_ratio_to_gpt_pairs_each_round_with_gpts():
+    """Rounds 1-3 slow the machine 1x, 2x, 3x; x takes 1.2x gpt's step but its middle round also
+    hits a hiccup (1.5x). The medians' ratio (3.6 / 2 = 1.8) takes the hiccup for x's speed; the
+    median of the per-round ratios (1.2, 1.8, 1.2) does not."""
+    sys.path.insert(0, str(ROOT))
+    from bench import paired_ratio
+    gpt, x = [1.0, 2.0, 3.0], [1.2, 1.2 * 2 * 1.5, 1.2 * 3]
+    assert abs(paired_ratio(x, gpt) - 1.2) < 1e-12 and abs(paired_ratio(gpt, gpt) - 1.0) < 1e-12
 
 
 def test_kernel_kinds_of_cuda_kernel_and_cpu_op_names():

@@ -229,6 +229,9 @@ def test_steps_and_time_to_the_baselines_loss(tmp_path):
     assert abs(row(timed)["steps_to_gpt_loss"] - 0.625) < 1e-12 and abs(row(timed)["time_to_gpt_loss"] - 1.25) < 1e-12
     assert row(timed)["ms_per_step"] == 60.0 and timed["ms_per_step_from"]["command"] == "python bench.py --json"
     assert "bench.py --json; a CPU, 2 thread(s)" in compare.table_markdown(timed, {"seeds": [1, 2]})
+    assert "per-round ratios" not in compare.table_markdown(timed, {"seeds": [1, 2]})  # a speed.json from before
+    assert "per-round ratios to gpt's" in compare.table_markdown(compare.summarize(runs, ["gpt", "x"], {
+        **speed, "paired": True}), {"seeds": [1, 2]})
     del speed["params"]["x"]  # a model it did not time: the logs' times for all, never a mix
     assert compare.summarize(runs, ["gpt", "x"], speed)["ms_per_step_from"] == "the training logs"
     speed["params"]["x"] = 999  # nor when it timed another model than the runs trained (a stale speed.json)
@@ -428,20 +431,22 @@ def test_speed_times_the_grids_models_at_its_shape():
 
 def test_speed_times_an_optimizer_step_in_the_grids_dtype(data_dir, tmp_path, monkeypatch):
     """bench.py gets the grid's shape, dtype and device; an optimizer step of 2 accumulated micro-batches
-    takes 2 of bench's (micro-batch) steps."""
+    takes 2 of bench's (micro-batch) steps; a model's ms/step is gpt's times bench's paired ratio (1.8,
+    not the medians' 2: a machine that drifted between rounds)."""
     flags = [f"--data_dir={data_dir}", "--gradient_accumulation_steps=2", "--dtype=bfloat16", "--batch_size=4"]
     (tmp_path / "compare.json").write_text(json.dumps({"models": ["gpt", "dcmha"], "train_flags": flags}))
     calls = []
 
     def fake_bench(argv, **kwargs):
         calls.append(argv)
-        rows = [{"model": m, "params": 1, "ms_per_step": 10.0 * (i + 1)} for i, m in enumerate(["gpt", "dcmha"])]
+        rows = [{"model": m, "params": 1, "ms_per_step": 10.0 * (i + 1), "ratio_to_gpt": ratio}
+                for i, (m, ratio) in enumerate([("gpt", 1.0), ("dcmha", 1.8)])]
         return subprocess.CompletedProcess(argv, 0, stdout=json.dumps(rows), stderr="")
     monkeypatch.setattr(compare.subprocess, "run", fake_bench)
     speed = compare.measure_speed(tmp_path, None)
     assert "--dtype=bfloat16" in calls[0] and "--device=cpu" in calls[0] and "--batch_size=4" in calls[0]
     assert "--vocab_size=256" in calls[0] and "--compile" not in calls[0]
-    assert speed["ms_per_step"] == {"gpt": 20.0, "dcmha": 40.0} and speed["device"] == "cpu"
+    assert speed["ms_per_step"] == {"gpt": 20.0, "dcmha": 36.0} and speed["device"] == "cpu" and speed["paired"]
     assert json.loads((tmp_path / "speed.json").read_text())["ms_per_step"] == speed["ms_per_step"]
     monkeypatch.setattr(compare.subprocess, "run", lambda argv, **kw: subprocess.CompletedProcess(
         argv, 0, stdout="a warning, then no JSON", stderr=""))
