@@ -23,8 +23,9 @@ git commit) are copied to results/NAME/runs/, and the summary is made from those
     steps_vs_step_time.png: the steps each model saves against the step time it pays)
 
 Times from a grid's logs compare only if its runs shared one machine alike; --speed times every
-model in one process instead (bench.py at the grid's shape, interleaved: speed.json), and the
-table's time columns and loss_vs_time.png then use those.
+model in one process instead (bench.py at the grid's shape, interleaved, each model's time as
+gpt's times the median of its per-round ratios to gpt's: speed.json), and the table's time
+columns and loss_vs_time.png then use those.
 
 --across puts grids side by side (their summary.json files, made by --summary): each model's
 Δ vs the baseline with both p-values and its compute multiplier in every grid, one table and
