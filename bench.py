@@ -8,10 +8,11 @@ Speed and memory of every model at one shape, side by side, as ratios to the bas
 
 Timing: forward + backward of one batch, all models in ONE process, interleaved (model A,
 B, C, A, B, C, ...) so that a slow moment of the machine hits every model alike; ms/step is the
-median over the repeats, and "× gpt" the median of the per-repeat ratios (each model's step over
-gpt's step of the same round, paired), which a machine that drifts between rounds moves less. Memory: on CUDA the peak allocated memory of a step; on CPU the peak RSS
-a fresh process gains over its start while it builds the model and runs two steps (each
-model in its own process, since RSS never goes down).
+median over the repeats, and "× gpt" the median of the per-round ratios (each model's step over
+gpt's step of the same round), which cancels a slowness of the machine that lasts a round.
+Memory: on CUDA the peak allocated memory of a step; on CPU the peak RSS a fresh process gains
+over its start while it builds the model and runs two steps (each model in its own process,
+since RSS never goes down).
 
 Where the time goes (--profile=DIR): torch.profiler over two more steps of each model, its
 kernels' time per step summed into matmuls, attention, fused (the kernels inductor generates

@@ -798,11 +798,11 @@ def speed_note(summary):
         return ("ms/step: the median of each run's logged step times, averaged over seeds; runs from different "
                 "sittings or machines do not compare (compare.py --speed times all models in one process). ")
     where = source["device"] if source["device"] != "cpu" else f"{source['hostname_cpu']}, {source['threads']} thread(s)"
-    paired = (" gpt's median step, and each model's as gpt's times the median of its per-round ratios to gpt's"
-              if source.get("paired") else "")
+    paired = (": gpt's median step, and each model's as gpt's times the median of its per-round ratios to gpt's"
+              if source.get("paired") else "")  # a speed.json from before 2026-11-28 holds the medians
     return (f"ms/step: every model timed in one process, interleaved, at the grid's shape, by compare.py --speed "
             f"({source['command']}; {where}, torch {source['torch']}, {source['measured']}; forward and backward, "
-            f"the optimizer step left out){':' + paired if paired else ''}. ")
+            f"the optimizer step left out){paired}. ")
 
 
 # one color per model, the same in every figure (analyze.py's too); a model's second, third, ... variant
