@@ -32,7 +32,7 @@ from dataclasses import fields
 import torch
 
 import gpt
-from train import ArgumentParser, UserError, run_cli, device_name, peak_flops, resolve_device, resolve_dtype
+from train import ArgumentParser, UserError, run_cli, cpu_name, device_name, peak_flops, resolve_device, resolve_dtype
 from train import str2bool  # the flag parser's reading of true / false
 
 
@@ -262,7 +262,8 @@ def result_rows(runs, args, peak):
 
 
 def print_table(rows, args, device, dtype):
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU ({cpu_name()}), {torch.get_num_threads()} threads")
     title = (f"{where} | {dtype} | batch {args.batch_size} x {args.block_size} tokens | n_layer {args.n_layer} "
              f"n_head {args.n_head} n_embd {args.n_embd} vocab {args.vocab_size} | fwd+bwd, median of {args.repeats} "
              f"interleaved rounds (× gpt: of the per-round ratios)"

@@ -53,6 +53,9 @@ def test_bench_markdown_has_one_row_per_model():
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| `")]
     assert [r.split("`")[1] for r in rows] == ["gpt", "svformer"]
+    sys.path.insert(0, str(ROOT))
+    from train import cpu_name
+    assert out.stdout.startswith(f"CPU ({cpu_name()}), ")  # a table names the machine its times are of
 
 
 def test_bench_bad_spec_is_a_one_line_error():
