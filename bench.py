@@ -69,6 +69,14 @@ def build(spec, args, device):
     return torch.compile(model) if args.compile else model, model.num_params(), model.flops_per_token()
 
 
+def allow_a_compile_per_model(n_models):
+    """torch.compile keeps its compiled graphs per code object, and every model runs gpt.py's
+    GPT.forward: past dynamo's recompile_limit (8 graphs) the next model's forward would run
+    uncompiled, with only a warning (the GPU benches' ninth model did, 2026-11-26/27). Room for
+    8 graphs per model."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * n_models)
+
+
 def step_dtype(device, name="auto"):
     """What a step computes in: --dtype, auto as train.py picks it (bf16 autocast on recent GPUs, else float32)."""
     return getattr(torch, resolve_dtype(name, device))
@@ -146,6 +154,7 @@ def parse_args():
 
 def warm_cache(specs, args, device):
     """Compile each model and run its warm-up steps, timing nothing (--warm_cache)."""
+    allow_a_compile_per_model(len(specs))
     for spec in specs:
         model, _, _ = build(spec, args, device)
         step = make_step(model, args, device)
@@ -157,6 +166,7 @@ def time_steps(specs, args, device):
     """Build every model, warm it up (and compile it), then time its steps interleaved with the
     others': {spec: {"params", "flops_per_token", "kv_bytes_per_token", "step", "times"}}."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    allow_a_compile_per_model(len(specs))
     runs = {}
     for spec in specs:
         model, n_params, flops = build(spec, args, device)
