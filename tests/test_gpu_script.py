@@ -31,3 +31,15 @@ def test_gpu_script_runs_every_step_on_the_cpu_and_reports_from_its_logs(tmp_pat
                            cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "again" / "summary.json").read_text())["train"] == summary["train"]
+
+
+def test_report_flags_a_bench_past_dynamos_recompile_limit(tmp_path):
+    # The H100's first call (2026-11-26) benched nine models in one process at the DCA paper's shape; the ninth
+    # compiled past dynamo's 8 graphs for GPT.forward and ran it uncompiled, with only a warning in the log
+    logs = ROOT / "results/gpu/h100-2026-11-26/1-full/logs"
+    again = subprocess.run([sys.executable, "tests/gpu/run.py", f"--report={logs}", str(tmp_path)],
+                           cwd=ROOT, capture_output=True, text=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["bench_past_recompile_limit"] == ["dca_paper"]
+    assert "bench `dca_paper` hit dynamo's recompile_limit" in (tmp_path / "table.md").read_text()
+    assert "ALL CHECKS PASSED" not in again.stdout

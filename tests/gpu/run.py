@@ -271,6 +271,8 @@ def collect(logs):
         if not path.exists():
             continue
         text = path.read_text()
+        if "recompile_limit" in text:  # dynamo ran some model's forward uncompiled: its row is no compiled time
+            results.setdefault("bench_past_recompile_limit", []).append(shape_name)
         try:  # bench.py's JSON, "[\n {...},\n ...\n]", among the compiler's warnings
             results["bench"][shape_name] = json.loads(text[text.index("[\n"):text.index("\n]") + 2])
         except ValueError:
@@ -315,6 +317,9 @@ def summarize(results):
             lines += kernel_lines(rows)
     if results["not_compiled"]:
         lines += ["", f"did not compile in time (left out of the bench): {', '.join(results['not_compiled'])}"]
+    for shape_name in results.get("bench_past_recompile_limit", []):
+        lines += ["", f"**bench `{shape_name}` hit dynamo's recompile_limit**: a model's forward ran uncompiled "
+                      f"(the warning in bench-{shape_name}.txt names the model before it); its row is no compiled time"]
     return "\n".join(lines)
 
 
@@ -337,6 +342,7 @@ def checks_passed(results):
         ok &= bool(t.get("loss_falls") and t.get("resumed") and t.get("sampled") and t.get("no_recompile", True))
     ok &= all(isinstance(e, dict) and e.get("graphs", 0) >= 1 for e in results["explain"].values())
     ok &= all(isinstance(rows, list) for rows in results["bench"].values())
+    ok &= not results.get("bench_past_recompile_limit")
     return ok
 
 
