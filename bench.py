@@ -73,8 +73,9 @@ def allow_a_compile_per_model(n_models):
     """torch.compile keeps its compiled graphs per code object, and every model runs gpt.py's
     GPT.forward: past dynamo's recompile_limit (8 graphs) the next model's forward would run
     uncompiled, with only a warning (the GPU benches' ninth model did, 2026-11-26/27). Room for
-    8 graphs per model."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * n_models)
+    8 graphs per model. (cache_size_limit: its name before torch 2.7, an alias since.)"""
+    config = torch._dynamo.config
+    config.cache_size_limit = max(config.cache_size_limit, 8 * n_models)
 
 
 def step_dtype(device, name="auto"):
@@ -166,7 +167,8 @@ def time_steps(specs, args, device):
     """Build every model, warm it up (and compile it), then time its steps interleaved with the
     others': {spec: {"params", "flops_per_token", "kv_bytes_per_token", "step", "times"}}."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    allow_a_compile_per_model(len(specs))
+    if args.compile:
+        allow_a_compile_per_model(len(specs))
     runs = {}
     for spec in specs:
         model, n_params, flops = build(spec, args, device)

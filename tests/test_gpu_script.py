@@ -43,3 +43,11 @@ def test_report_flags_a_bench_past_dynamos_recompile_limit(tmp_path):
     assert summary["bench_past_recompile_limit"] == ["dca_paper"]
     assert "bench `dca_paper` hit dynamo's recompile_limit" in (tmp_path / "table.md").read_text()
     assert "ALL CHECKS PASSED" not in again.stdout
+    # and it fails the checks by itself: the same results less the flag pass them
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_run", ROOT / "tests/gpu/run.py")
+    gpu_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_run)
+    clean = {"train": {}, "explain": {}, "bench": {"tiny": [{"model": "gpt"}]}}
+    assert gpu_run.checks_passed(clean)
+    assert not gpu_run.checks_passed({**clean, "bench_past_recompile_limit": ["tiny"]})
