@@ -155,7 +155,8 @@ def parse_args():
 
 def warm_cache(specs, args, device):
     """Compile each model and run its warm-up steps, timing nothing (--warm_cache)."""
-    allow_a_compile_per_model(len(specs))
+    if args.compile:
+        allow_a_compile_per_model(len(specs))
     for spec in specs:
         model, _, _ = build(spec, args, device)
         step = make_step(model, args, device)
