@@ -44,10 +44,58 @@ def test_report_flags_a_bench_past_dynamos_recompile_limit(tmp_path):
     assert "bench `dca_paper` hit dynamo's recompile_limit" in (tmp_path / "table.md").read_text()
     assert "ALL CHECKS PASSED" not in again.stdout
     # and it fails the checks by itself: the same results less the flag pass them
+    gpu_run = load_gpu_run()
+    clean = {"train": {}, "explain": {}, "bench": {"tiny": [{"model": "gpt"}]}}
+    assert gpu_run.checks_passed(clean)
+    assert not gpu_run.checks_passed({**clean, "bench_past_recompile_limit": ["tiny"]})
+
+
+def load_gpu_run():
     import importlib.util
     spec = importlib.util.spec_from_file_location("gpu_run", ROOT / "tests/gpu/run.py")
     gpu_run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_run)
-    clean = {"train": {}, "explain": {}, "bench": {"tiny": [{"model": "gpt"}]}}
-    assert gpu_run.checks_passed(clean)
-    assert not gpu_run.checks_passed({**clean, "bench_past_recompile_limit": ["tiny"]})
+    return gpu_run
+
+
+def test_phase_one_starts_the_training_runs_beside_gpt2_smalls_compiles(tmp_path, monkeypatch):
+    # The H200's call of 2026-11-27 queued its training runs behind the compiles, which held the pool's
+    # workers, and six of them timed out. Here every compile of the big shape lasts until the training
+    # runs are done: they must run as many at a time as the pool left them, beside at most big_workers compiles.
+    import argparse
+    import threading
+    import time
+    gpu_run = load_gpu_run()
+    lock, trained, running = threading.Lock(), threading.Event(), {"train": 0, "warm": 0}
+    most = {"train": 0, "warm": 0}
+    order = []
+
+    def busy(kind, seconds=None, until=None):
+        with lock:
+            running[kind] += 1
+            most[kind] = max(most[kind], running[kind])
+        time.sleep(seconds) if seconds else until.wait(30)
+        with lock:
+            running[kind] -= 1
+
+    def fake_train(r, mode, spec, data_dir, work):
+        busy("train", seconds=0.3)
+        order.append(spec)
+        if len(order) == len(specs) + len(mode["train_also"]):
+            trained.set()
+
+    def fake_bench(r, mode, shape_name, bench_specs, warm):
+        if warm:
+            busy("warm", until=trained)
+        return 0
+
+    monkeypatch.setattr(gpu_run, "train", fake_train)
+    monkeypatch.setattr(gpu_run, "bench", fake_bench)
+    monkeypatch.setattr(gpu_run.Runner, "run", lambda self, name, args, env=None, min_time=10: (0, ""))
+    mode = {**gpu_run.MODES["cuda"], "workers": 5, "big_workers": 2, "train_also": ("dcmha:dc_float32_scores=false",)}
+    specs = ["gpt", "dca", "dcmha", "attnres"]
+    args = argparse.Namespace(budget=0, only="train,bench", shapes="gpt2_small", device="cpu")
+    start = time.time()
+    gpu_run.run_steps(args, specs, mode, tmp_path, tmp_path)
+    assert trained.is_set() and time.time() - start < 20
+    assert most == {"train": 3, "warm": 2}  # workers - big_workers training runs at a time, big_workers compiles

@@ -16,9 +16,9 @@ The steps, each with its log under OUT/logs/:
                   where each model's time goes (its kernel time per step: matmuls, attention, the
                   kernels inductor fused, the rest; its top kernels under logs/profile-<shape>/)
 Steps 1-3 run side by side with bench's compilation (--warm_cache: compiling is CPU work, which the
-machine's cores do in parallel, and inductor keeps what it compiled on disk), the longest compiles
-first, then the training runs, then the other compiles; then the timed benches run alone on the
-idle GPU. Nothing needs the network.
+machine's cores do in parallel, and inductor keeps what it compiled on disk): GPT-2 small's compiles
+a few at a time, the slowest first, beside the suite, explain and the training runs, then the other
+compiles; then the timed benches run alone on the idle GPU. Nothing needs the network.
 
 Writes OUT/summary.json, OUT/table.md and OUT/logs.tar.gz, prints the table last, and exits with 0
 only when every check passed. --budget (seconds) bounds the whole run: a step that would not fit
@@ -26,7 +26,6 @@ is skipped, and says so.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -89,6 +88,7 @@ def bench_spec(mode, shape_name, spec):
     return mode["bench_spec"].get(shape_name, {}).get(spec, spec)
 
 
+BIG_SHAPE = "gpt2_small"  # its compiles run a few at a time (mode["big_workers"]): each takes GBs and many cores
 SLOWEST_TO_COMPILE = ("dcmha", "dca", "attnres", "muddformer")  # as timed on an H100
 
 
@@ -379,31 +379,25 @@ def run_steps(args, specs, mode, logs, work):
 
     # phase 1, side by side: equivalence, explain, train, and bench's compilation into the cache
     os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "4"  # many processes compile at once
-    big = threading.Semaphore(mode["big_workers"])  # the largest shape's compile-and-run, a few at a time
-
-    def warm(shape_name, spec):
-        with big if shape_name == "gpt2_small" else contextlib.nullcontext():
-            return bench(r, mode, shape_name, [spec], warm=True)
-
-    with ThreadPoolExecutor(mode["workers"]) as pool:
+    # two pools: the largest shape's compile-and-runs, a few at a time and the slowest first, in
+    # one; in the other from the start, the suite, explain, the training runs, then the other compiles
+    # (one pool would hold a worker for each compile that waits its turn, and start the training late)
+    compiles = sorted(((shape_name, spec) for shape_name in shapes for spec in specs) if "bench" in steps else [],
+                      key=lambda job: compile_order(job[1]))
+    largest = [job for job in compiles if job[0] == BIG_SHAPE]
+    big_workers = mode["big_workers"] if largest else 0
+    with ThreadPoolExecutor(big_workers or 1) as big_pool, ThreadPoolExecutor(mode["workers"] - big_workers) as pool:
         jobs = []
         if "equivalence" in steps:
             jobs.append(pool.submit(equivalence, r, mode))
         if "explain" in steps:
             jobs.append(pool.submit(explain, r, specs))
-        # the longest compiles (the slow models at the largest shape) first, then the training runs, then the rest
-        compiles = sorted(((shape_name, spec) for shape_name in shapes for spec in specs),
-                          key=lambda job: (compile_order(job[1]), -list(mode["shapes"]).index(job[0])))
-        longest = [job for job in compiles if job[0] == shapes[-1] and compile_order(job[1]) < len(SLOWEST_TO_COMPILE)]
-        warms = {}
-
-        def submit_warms(todo):
-            for shape_name, spec in todo if "bench" in steps else []:
-                warms[shape_name, spec] = pool.submit(warm, shape_name, bench_spec(mode, shape_name, spec))
-        submit_warms(longest)
         if "train" in steps:
             jobs += [pool.submit(train, r, mode, spec, data_dir, work) for spec in specs + train_also]
-        submit_warms([job for job in compiles if job not in longest])
+        warms = {}
+        for shape_name, spec in largest + [job for job in compiles if job not in largest]:
+            warms[shape_name, spec] = (big_pool if shape_name == BIG_SHAPE else pool).submit(
+                bench, r, mode, shape_name, [bench_spec(mode, shape_name, spec)], True)
         [job.result() for job in jobs]
         warmed = {key: w.result() for key, w in warms.items()}
     print(f"phase 1 done in {time.time() - t0:.0f} s", flush=True)
