@@ -1136,8 +1136,13 @@ def across_plot(summaries, base, differs, models, own_rates, path):
                  for s in summaries.values() for r in s["rows"] if r["model"] in models)
     fig, axes = plt.subplots(1, 2 if fitted else 1, figsize=(11 if fitted else 6.5, 4.8), dpi=130, squeeze=False)
     ax_delta, ax_mult = axes[0][0], axes[0][-1] if fitted else None  # (no grid with --lengths: no multipliers)
-    width = 0.5 / max(len(models), 1)
     colors = model_colors([base, *models])  # (the baseline's own variants shade off its color)
+
+    def last_delta(spec):
+        r = model_row(summaries[grids[-1]], spec)
+        return r["delta"] if r and r["delta"] is not None else math.inf
+    models = sorted(models, key=last_delta)  # left to right by the last grid's Δ, best first, as the legend lists them
+    width = 0.5 / max(len(models), 1)
     for i, spec in enumerate(models):
         color = colors[spec]
         offset = (i - (len(models) - 1) / 2) * width
@@ -1154,16 +1159,14 @@ def across_plot(summaries, base, differs, models, own_rates, path):
                 highs.append(interval[1] - r[key] if math.isfinite(interval[1]) else 0)  # (∞: in table.md)
                 if key == "delta":
                     ax.scatter([g + offset] * len(r["paired_deltas"]), r["paired_deltas"], s=9, color=color, alpha=0.45, lw=0)
-                    if own_rates:  # the rate it trained at there
-                        ax.annotate(r["learning_rate"], (g + offset, r[key]), xytext=(6, -3), textcoords="offset points",
-                                    fontsize=6.5, color=color, ha="left", va="top")
             ax.errorbar(xs, ys, yerr=[lows, highs], color=color, marker="o", ms=5, capsize=3, lw=1.6,
-                        label=spec if key == "delta" else None)
+                        label=(spec + rates_label(summaries, spec) if own_rates and "learning_rate=" not in spec else spec)
+                        if key == "delta" else None)
     labels = [f"{g}\n{' '.join(differs[g])}" for g in grids]
     ax_delta.axhline(0, color="black", lw=1)
     ax_delta.set_ylabel(f"final val loss − {base}'s (nats/token; < 0 is better)")
     ax_delta.set_title("Δ vs the baseline: mean, Welch's 95% CI;\ndots: each seed − the baseline's same seed"
-                       + ("; labels: the learning rate" if own_rates else ""), fontsize=9)
+                       + ("\n(in the legend: the learning rate in each grid)" if own_rates else ""), fontsize=9)
     if fitted:
         ax_mult.axhline(1, color="black", lw=1)
         ax_mult.set_ylabel(f"compute multiplier (× {base}'s training FLOPs)")
@@ -1178,6 +1181,12 @@ def across_plot(summaries, base, differs, models, own_rates, path):
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
+
+
+def rates_label(summaries, spec):
+    """' (lr 2e-3 → 1e-3)': the learning rate the model trained at in each grid (once if the same)."""
+    rates = [r["learning_rate"] for r in (model_row(s, spec) for s in summaries.values()) if r is not None]
+    return f" (lr {' → '.join(rates) if len(set(rates)) > 1 else rates[0]})" if rates else ""
 
 
 def across(root, name, grids, models=None, own_rates=False):

@@ -366,7 +366,7 @@ def test_across_puts_the_grids_models_side_by_side(tmp_path, capsys):
         compare.main([f"--results={tmp_path}", "--name=depth", "--across=g8,other"])
 
 
-def test_across_with_own_rates_matches_each_model_at_the_rate_each_grid_has_it(tmp_path, capsys):
+def test_across_with_own_rates_matches_each_model_at_the_rate_each_grid_has_it(tmp_path, capsys, monkeypatch):
     write_grid(tmp_path / "g8", ["--n_layer=8", "--learning_rate=4e-3"],
                {"gpt": [2.0, 2.1, 2.2], "dcmha:learning_rate=2e-3": [1.9, 2.0, 2.05],
                 "gpt:learning_rate=2e-3": [2.0, 2.05, 2.2], "dca:dca_k=2;learning_rate=2e-3": [2.0, 2.1, 2.1]})
@@ -389,6 +389,11 @@ def test_across_with_own_rates_matches_each_model_at_the_rate_each_grid_has_it(t
     assert all(len(cells) == 4 for cells in rows.values()) and "no compute multipliers" in table  # no fits: no column
     assert compare.learning_rate_of("dca:dca_k=2;learning_rate=2.5e-4", []) == ("dca:dca_k=2", "2.5e-4")
     assert (tmp_path / "own" / "delta_across.png").stat().st_size > 0
+    plotted = {}  # the figure's legend names each model's rate in each grid
+    monkeypatch.setattr(compare, "across_plot", lambda summaries, *args: plotted.update(summaries))
+    compare.main([f"--results={tmp_path}", "--name=own", "--across=g8,g16", "--own_rates"])
+    assert compare.rates_label(plotted, "dcmha") == " (lr 2e-3 → 1e-3)"
+    assert compare.rates_label(plotted, "gpt:learning_rate=2e-3") == " (lr 2e-3)"
     write_grid(tmp_path / "sweep", ["--n_layer=8"], {"gpt": [2.0, 2.1, 2.2], "dca:learning_rate=1e-3": [2.1, 2.1, 2.3],
                                                      "dca:learning_rate=2e-3": [2.0, 2.2, 2.1]})
     with pytest.raises(SystemExit, match=r"sweep trained dca at more than one learning rate \(dca:learning_rate=1e-3, "
