@@ -134,9 +134,13 @@ def file_docs(paths):
         print(f"skipped {skipped} binary or non-utf-8 files", file=sys.stderr)
 
 
-def stdlib_docs():
-    root = sysconfig.get_paths()["stdlib"]
-    return file_docs(list_files(root, ".py", SKIP_DIRS))
+def stdlib_root(stdlib_dir=None):
+    """The stdlib's folder: this Python's, or another Python's (--stdlib_dir)."""
+    return os.path.abspath(stdlib_dir) if stdlib_dir else sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_docs(stdlib_dir=None):
+    return file_docs(list_files(stdlib_root(stdlib_dir), ".py", SKIP_DIRS))
 
 
 def text_docs(path):
@@ -171,9 +175,9 @@ def hub_docs(source):
                  "(python prepare_data.py) or --text=PATH")
 
 
-def source_docs(source, text=None):
+def source_docs(source, text=None, stdlib_dir=None):
     if source == "stdlib":
-        return stdlib_docs()
+        return stdlib_docs(stdlib_dir)
     if source == "shakespeare":
         return shakespeare_docs()
     if source == "text":
@@ -181,10 +185,10 @@ def source_docs(source, text=None):
     return hub_docs(source)
 
 
-def describe(source, text=None):
+def describe(source, text=None, stdlib_dir=None):
     """The source as a string for meta.json; equal strings mean the same corpus."""
     if source == "stdlib":
-        return f"stdlib:{sysconfig.get_paths()['stdlib']}"
+        return f"stdlib:{stdlib_root(stdlib_dir)}"
     if source == "shakespeare":
         return f"shakespeare:{SHAKESPEARE_URL}"
     if source == "text":
@@ -250,9 +254,9 @@ def write_atomic(path, write):
 
 
 def prepare(source="stdlib", tokenizer="byte", name=None, text=None, max_tokens=None,
-            val_fraction=0.05, val_split="tokens", data_dir="data", force=False):
+            val_fraction=0.05, val_split="tokens", data_dir="data", force=False, stdlib_dir=None):
     """Build data_dir/<name> unless it is already there; returns its path."""
-    source, max_tokens = check_request(source, text, max_tokens, val_fraction)
+    source, max_tokens = check_request(source, text, max_tokens, val_fraction, stdlib_dir)
     if val_split not in ("tokens", "documents"):
         sys.exit(f"error: --val_split={val_split}: use tokens or documents")
     tok = get_tokenizer(tokenizer)
@@ -260,7 +264,7 @@ def prepare(source="stdlib", tokenizer="byte", name=None, text=None, max_tokens=
         sys.exit(f"error: vocab_size {tok.vocab_size} does not fit in uint16 token files")
     name = dataset_name(name, source, text, tok, data_dir)
     out_dir = os.path.join(data_dir, name)
-    settings = dict(tokenizer=tok.name, source=describe(source, text), max_tokens=max_tokens,
+    settings = dict(tokenizer=tok.name, source=describe(source, text, stdlib_dir), max_tokens=max_tokens,
                     val_fraction=val_fraction, val_split=val_split)
     for folder in (data_dir, out_dir):
         if os.path.exists(folder) and not os.path.isdir(folder):
@@ -268,7 +272,7 @@ def prepare(source="stdlib", tokenizer="byte", name=None, text=None, max_tokens=
     if already_prepared(out_dir, settings, force):
         return out_dir
     print(f"preparing {out_dir} from {settings['source']} with the {tok.name} tokenizer")
-    train, val = split(tokenize(source_docs(source, text), tok, max_tokens), val_fraction, val_split)
+    train, val = split(tokenize(source_docs(source, text, stdlib_dir), tok, max_tokens), val_fraction, val_split)
     meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, train_tokens=len(train),
                 val_tokens=len(val), eot_token=tok.eot_token) | settings
     write_dataset(train, val, meta, data_dir, name)
@@ -276,8 +280,14 @@ def prepare(source="stdlib", tokenizer="byte", name=None, text=None, max_tokens=
     return out_dir
 
 
-def check_request(source, text, max_tokens, val_fraction):
+def check_request(source, text, max_tokens, val_fraction, stdlib_dir=None):
     """The source and the flags, checked before anything is read; -> (source, max_tokens)."""
+    if stdlib_dir is not None:
+        if text is not None or source != "stdlib":
+            sys.exit("error: --stdlib_dir is for the stdlib source; drop it, or drop --text/--source")
+        if not os.path.isfile(os.path.join(stdlib_dir, "os.py")):
+            sys.exit(f"error: --stdlib_dir={stdlib_dir} is no Python standard library (no os.py in it); "
+                     "give a folder like /usr/lib/python3.12")
     if text is not None:
         if source not in ("stdlib", "text"):
             sys.exit(f"error: --text and --source={source} exclude each other; drop one")
@@ -442,6 +452,9 @@ def main(argv=None):
                         help="dataset name under data_dir (default: from the source and tokenizer)")
     parser.add_argument("--text", default=None,
                         help="a local text file (one document) or folder (every text file in it)")
+    parser.add_argument("--stdlib_dir", default=None,
+                        help="with the stdlib source: another Python's standard library folder, e.g. "
+                             "/usr/lib/python3.12 (default: this Python's; the corpus differs between versions)")
     parser.add_argument("--max_tokens", type=int, default=None,
                         help=f"token budget (default: all; {HUB_MAX_TOKENS:,} for {', '.join(HUB_SOURCES)})")
     parser.add_argument("--val_fraction", type=float, default=0.05,

@@ -195,6 +195,25 @@ def test_default_source_is_the_offline_stdlib(tmp_path):
     assert np.asarray(train[:len(head)], dtype=np.uint8).tobytes() == head
 
 
+def test_another_pythons_stdlib(tmp_path):
+    # --stdlib_dir: the corpus of another Python (another machine's runs), its .py files but tests and site-packages
+    lib = tmp_path / "python3.12"
+    for path, text in {"os.py": "import sys\n", "abc.py": "class ABC: pass\n", "test/test_os.py": "skipped\n",
+                       "site-packages/x.py": "skipped\n", "README.txt": "not python\n"}.items():
+        (lib / path).parent.mkdir(parents=True, exist_ok=True)
+        (lib / path).write_text(text * 50)
+    result = run(f"--stdlib_dir={lib}", f"--data_dir={tmp_path / 'data'}", "--val_split=documents")
+    assert result.returncode == 0, result.stderr
+    meta, train, val = load(tmp_path / "data" / "pystdlib")
+    assert meta["source"] == f"stdlib:{lib}"
+    files = prepare_data.list_files(str(lib), ".py", prepare_data.SKIP_DIRS)
+    assert sorted(Path(f).name for f in files) == ["abc.py", "os.py"]
+    assert np.concatenate([train, val]).astype(np.uint8).tobytes() == b"".join(Path(f).read_bytes() for f in files)
+    assert_clear_error(run(f"--stdlib_dir={tmp_path}", f"--data_dir={tmp_path / 'd2'}"), "no os.py")
+    assert_clear_error(run(f"--stdlib_dir={lib}", f"--text={lib}", f"--data_dir={tmp_path / 'd2'}"), "--stdlib_dir")
+    assert not (tmp_path / "d2").exists()
+
+
 def test_help():
     result = run("-h")
     assert result.returncode == 0 and "--source" in result.stdout and "--max_tokens" in result.stdout
