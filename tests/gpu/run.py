@@ -95,9 +95,9 @@ SLOWEST_TO_COMPILE = ("dcmha", "dca", "attnres", "muddformer")  # as timed on an
 def compile_order(spec):
     """-1 for gpt (the baseline: without it phase 2 benches nothing), 0 for the model slowest to
     compile, ..., len(SLOWEST_TO_COMPILE) for the rest."""
-    name = spec.partition(":")[0]
     if spec == "gpt":
         return -1
+    name = spec.partition(":")[0]
     return SLOWEST_TO_COMPILE.index(name) if name in SLOWEST_TO_COMPILE else len(SLOWEST_TO_COMPILE)
 
 
@@ -387,8 +387,7 @@ def run_steps(args, specs, mode, logs, work):
     # (one pool would hold a worker for each compile that waits its turn, and start the training late)
     compiles = sorted(((shape_name, spec) for shape_name in shapes for spec in specs) if "bench" in steps else [],
                       key=lambda job: compile_order(job[1]))
-    largest = [job for job in compiles if job[0] == BIG_SHAPE]
-    big_workers = mode["big_workers"] if largest else 0
+    big_workers = mode["big_workers"] if any(shape_name == BIG_SHAPE for shape_name, _ in compiles) else 0
     with ThreadPoolExecutor(big_workers or 1) as big_pool, ThreadPoolExecutor(mode["workers"] - big_workers) as pool:
         jobs = []
         if "equivalence" in steps:
@@ -398,7 +397,7 @@ def run_steps(args, specs, mode, logs, work):
         if "train" in steps:
             jobs += [pool.submit(train, r, mode, spec, data_dir, work) for spec in specs + train_also]
         warms = {}
-        for shape_name, spec in largest + [job for job in compiles if job not in largest]:
+        for shape_name, spec in compiles:  # each pool takes its own in compile_order
             warms[shape_name, spec] = (big_pool if shape_name == BIG_SHAPE else pool).submit(
                 bench, r, mode, shape_name, [bench_spec(mode, shape_name, spec)], True)
         [job.result() for job in jobs]
