@@ -605,12 +605,15 @@ def start_record(argv, c, model_config, system, resumed_from):
         if head.returncode == 0:
             dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
             commit = head.stdout.strip() + ("+uncommitted changes" if dirty else "")
+    # the CUDA matmuls' reduced-precision settings change the numbers (TF32; bf16 sums in bf16)
+    cuda_matmul = {"allow_tf32": torch.backends.cuda.matmul.allow_tf32, "allow_bf16_reduced_precision_reduction":
+                   torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction} if system.device.type == "cuda" else None
     return {"event": "start", "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": "python train.py " + shlex.join(argv), "git_commit": commit, "resumed_from": resumed_from, "python": platform.python_version(),
             "torch": torch.__version__, "numpy": np.__version__, "device": device_name(system.device),
             "dtype": system.dtype, "world_size": system.world, "host": socket.gethostname(), "cpu": cpu_name(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "train_config": asdict(c), "model_config": gpt.config_to_dict(model_config)}
+            "cuda_matmul": cuda_matmul, "train_config": asdict(c), "model_config": gpt.config_to_dict(model_config)}
 
 
 # -----------------------------------------------------------------------------

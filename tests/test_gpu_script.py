@@ -17,7 +17,8 @@ def test_gpu_script_runs_every_step_on_the_cpu_and_reports_from_its_logs(tmp_pat
     assert "ALL CHECKS PASSED" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["equivalence"]["passed"] > 0 and summary["equivalence"]["failed"] == 0
-    assert set(summary["train"]) == {"gpt", "dca:dca_k=2", "gpt:dtype=bfloat16"}  # + the trained-only twin
+    # + the trained-only twin, which runs train.py under a python -c that sets torch's CUDA backend
+    assert set(summary["train"]) == {"gpt", "dca:dca_k=2", "gpt:dtype=bfloat16;allow_bf16_reduced_precision_reduction=false"}
     for run in summary["train"].values():
         assert run["loss_falls"] and run["resumed"] and run["sampled"]
     assert [row["model"] for row in summary["bench"]["tiny"]] == ["gpt", "dca:dca_k=2"]
@@ -48,6 +49,21 @@ def test_report_flags_a_bench_past_dynamos_recompile_limit(tmp_path):
     clean = {"train": {}, "explain": {}, "bench": {"tiny": [{"model": "gpt"}]}}
     assert gpu_run.checks_passed(clean)
     assert not gpu_run.checks_passed({**clean, "bench_past_recompile_limit": ["tiny"]})
+
+
+def test_a_training_runs_backend_setting_is_set_before_train_py_runs(tmp_path):
+    # dcmha's bf16 attention blew up on the GPU, not on the CPU: one suspect is cuBLAS's bf16 sums in
+    # bf16, which is a setting of torch's, not a flag of train.py's; the spec sets it all the same
+    gpu_run = load_gpu_run()
+    spec = "dcmha:dc_float32_scores=false;allow_bf16_reduced_precision_reduction=false"
+    assert gpu_run.spec_flags(spec) == ["--model=dcmha", "--dc_float32_scores=false"]
+    assert gpu_run.train_command("dcmha:dc_float32_scores=false") == [sys.executable, "train.py"]
+    (tmp_path / "train.py").write_text("import sys, torch\n"  # stands in for train.py: what it was started with
+                                       "print(torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction, sys.argv)\n")
+    ran = subprocess.run([*gpu_run.train_command(spec), *gpu_run.spec_flags(spec)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "False ['train.py', '--model=dcmha', '--dc_float32_scores=false']"
 
 
 def load_gpu_run():

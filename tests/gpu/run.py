@@ -60,14 +60,19 @@ MODES = {
                                    "dcmha:dc_compose=kernel": "dcmha:dc_compose=kernel;query_chunk=0"}},
         # trained only: with its attention in bf16 (the authors' precision) dcmha's loss blew up
         # on an H200 and an H100 (step ~150) where the all-float32 twin trained; dcmha now keeps
-        # its scores in float32 (dc_float32_scores), and this twin shows the bf16 way beside it
-        train_also=("dcmha:dc_float32_scores=false",)),
+        # its scores in float32 (dc_float32_scores), and this twin shows the bf16 way beside it.
+        # On the CPU the bf16 way trains, eager and compiled: the other two tell the GPU's suspects
+        # apart, inductor's Triton kernels (uncompiled) and cuBLAS's reduced-precision bf16 sums (off)
+        train_also=("dcmha:dc_float32_scores=false", "dcmha:dc_float32_scores=false;compile=false",
+                    "dcmha:dc_float32_scores=false;allow_bf16_reduced_precision_reduction=false")),
     "cpu": dict(
         shapes={"tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=2, vocab_size=256)},
         train=["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=20",
                "--eval_interval=10", "--log_interval=5", "--eval_iters=2", "--warmup_iters=2", "--compile=false"],
         resume_to=25, equivalence=["-k", "gpt and (causality or bf16)"], bench_compile=False, repeats=2, loss_drop=0.05,
-        workers=2, big_workers=1, budget=0, phase_2=0, bench_spec={}, train_also=("gpt:dtype=bfloat16",)),
+        workers=2, big_workers=1, budget=0, phase_2=0, bench_spec={},
+        # bf16 autocast on the CPU; and train.py started the way a BACKEND_SETTINGS spec starts it
+        train_also=("gpt:dtype=bfloat16;allow_bf16_reduced_precision_reduction=false",)),
 }
 
 
@@ -101,10 +106,27 @@ def compile_order(spec):
     return SLOWEST_TO_COMPILE.index(name) if name in SLOWEST_TO_COMPILE else len(SLOWEST_TO_COMPILE)
 
 
+# settings of torch's CUDA backend, not of train.py, that a training run's spec may set: train.py
+# then runs under a python -c that sets them first
+BACKEND_SETTINGS = {"allow_bf16_reduced_precision_reduction": "torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction"}
+
+
 def spec_flags(spec):
-    """'dca:dca_k=2' -> ['--model=dca', '--dca_k=2'] for train.py."""
+    """'dca:dca_k=2' -> ['--model=dca', '--dca_k=2'] for train.py (without BACKEND_SETTINGS)."""
     name, _, rest = spec.partition(":")
-    return [f"--model={name}"] + [f"--{item}" for item in filter(None, rest.split(";"))]
+    items = [item for item in filter(None, rest.split(";")) if item.partition("=")[0] not in BACKEND_SETTINGS]
+    return [f"--model={name}"] + [f"--{item}" for item in items]
+
+
+def train_command(spec):
+    """How to start train.py for spec: [python, 'train.py'], or a python -c that first sets the
+    spec's BACKEND_SETTINGS ('allow_bf16_reduced_precision_reduction=false') and then runs it."""
+    settings = [item.partition("=") for item in spec.partition(":")[2].split(";")]
+    prelude = [f"{BACKEND_SETTINGS[key]} = {value.capitalize()}" for key, _, value in settings if key in BACKEND_SETTINGS]
+    if not prelude:
+        return [sys.executable, "train.py"]
+    return [sys.executable, "-c", "; ".join(["import runpy, sys, torch", *prelude, "sys.argv[0] = 'train.py'",
+                                             "runpy.run_path('train.py', run_name='__main__')"])]
 
 
 def slug(spec):
@@ -188,8 +210,8 @@ def train(r, mode, spec, data_dir, work):
     out = work / f"train-{slug(spec)}"
     common = [f"--data_dir={data_dir}", f"--out_dir={out}", f"--device={r.device}", *spec_flags(spec), *mode["train"]]
     name = f"train-{slug(spec)}"
-    if r.run(name, [sys.executable, "train.py", *common])[0] == 0:
-        r.run(name, [sys.executable, "train.py", *common, "--init_from=resume", f"--max_iters={mode['resume_to']}"])
+    if r.run(name, [*train_command(spec), *common])[0] == 0:
+        r.run(name, [*train_command(spec), *common, "--init_from=resume", f"--max_iters={mode['resume_to']}"])
         r.run(name, [sys.executable, "sample.py", f"--out_dir={out}", f"--device={r.device}", "--start=def ",
                      "--num_samples=2", "--max_new_tokens=64"])
     if (out / "log.jsonl").exists():
