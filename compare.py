@@ -1127,7 +1127,8 @@ def across_markdown(name, again, summaries, base, differs, models, own_rates):
 
 def across_plot(summaries, base, differs, models, own_rates, path):
     """Per model, its Δ vs the baseline in each grid (Welch's 95% CI, each seed's paired Δ as a dot)
-    and its compute multiplier (95% bootstrap interval), the grids along x."""
+    and its compute multiplier (95% bootstrap interval), the grids along x; the models left to right
+    in the order given (across's: by the last grid's Δ, best first), as the legend lists them."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1138,10 +1139,6 @@ def across_plot(summaries, base, differs, models, own_rates, path):
     ax_delta, ax_mult = axes[0][0], axes[0][-1] if fitted else None  # (no grid with --lengths: no multipliers)
     colors = model_colors([base, *models])  # (the baseline's own variants shade off its color)
 
-    def last_delta(spec):
-        r = model_row(summaries[grids[-1]], spec)
-        return r["delta"] if r and r["delta"] is not None else math.inf
-    models = sorted(models, key=last_delta)  # left to right by the last grid's Δ, best first, as the legend lists them
     width = 0.5 / max(len(models), 1)
     for i, spec in enumerate(models):
         color = colors[spec]
@@ -1183,6 +1180,14 @@ def across_plot(summaries, base, differs, models, own_rates, path):
     plt.close(fig)
 
 
+def by_last_delta(summaries, models):
+    """models, best first by their Δ in the last grid (those without one last)."""
+    def last_delta(spec):
+        r = model_row(list(summaries.values())[-1], spec)
+        return r["delta"] if r and r["delta"] is not None else math.inf
+    return sorted(models, key=last_delta)
+
+
 def rates_label(summaries, spec):
     """' (lr 2e-3 → 1e-3)': the learning rate the model trained at in each grid (once if the same)."""
     rates = [r["learning_rate"] for r in (model_row(s, spec) for s in summaries.values()) if r is not None]
@@ -1214,6 +1219,7 @@ def across(root, name, grids, models=None, own_rates=False):
     again = f"python compare.py --name={name} --across={','.join(grids)}" + (" --own_rates" if own_rates else "") + (
         f" --models={','.join(models)}" if models != in_all else "")
     differs = grid_differences(summaries)
+    models = by_last_delta(summaries, models)  # the table's rows and the figure's points and legend alike
     table = across_markdown(name, again, summaries, base, differs, models, own_rates)
     (out / "table.md").write_text(table)
     across_plot(summaries, base, differs, models, own_rates, out / "delta_across.png")

@@ -320,6 +320,16 @@ def write_grid(folder, train_flags, finals, lengths=()):
     compare.report(folder)
 
 
+def test_across_lists_the_models_best_first_by_the_last_grids_delta(tmp_path):
+    # the table's rows in the figure's order (its legend's): a reader looks for the best first
+    write_grid(tmp_path / "g8", ["--n_layer=8"], {"gpt": [2.0, 2.1, 2.2], "worse": [1.8, 1.9, 2.0], "better": [2.0, 2.1, 2.15]})
+    write_grid(tmp_path / "g16", ["--n_layer=16"], {"gpt": [2.0, 2.1, 2.2], "worse": [2.0, 2.05, 2.15], "better": [1.7, 1.8, 1.9]})
+    compare.main([f"--results={tmp_path}", "--name=both", "--across=g8,g16"])
+    table = (tmp_path / "both" / "table.md").read_text()
+    assert table.index("| `better` |") < table.index("| `worse` |")
+    assert "`python compare.py --name=both --across=g8,g16`" in table  # (no --models: the same models)
+
+
 def test_across_puts_the_grids_models_side_by_side(tmp_path, capsys):
     write_grid(tmp_path / "g8", ["--n_layer=8", "--data_dir=a"], {"gpt": [2.0, 2.1, 2.2], "m": [1.9, 2.0, 2.05],
                                                                    "only8": [2.0, 2.1, 2.2]})
@@ -382,7 +392,8 @@ def test_across_with_own_rates_matches_each_model_at_the_rate_each_grid_has_it(t
     assert f"- g16 (--n_layer=16): `gpt` at lr {compare.learning_rate_of('gpt', [])[1]} 2.1667" in table
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in table.splitlines() if line.startswith("| `")}
-    assert list(rows) == ["`dcmha`", "`gpt:learning_rate=2e-3`", "`dca:dca_k=2`"]  # the baseline's variant keeps its name
+    # the baseline's variant keeps its name; best first by g16's Δ (-0.18, -0.03, +0.03)
+    assert list(rows) == ["`dcmha`", "`dca:dca_k=2`", "`gpt:learning_rate=2e-3`"]
     assert rows["`dcmha`"][0] == "-0.1167 (n=3, lr 2e-3)" and rows["`dcmha`"][2] == "-0.1833 (n=3, lr 1e-3)"
     assert rows["`gpt:learning_rate=2e-3`"][0] == "-0.0167 (n=3, lr 2e-3)"
     assert rows["`dca:dca_k=2`"][2].endswith(f", lr {compare.learning_rate_of('gpt', [])[1]})")
