@@ -19,8 +19,12 @@ def test_gpu_script_runs_every_step_on_the_cpu_and_reports_from_its_logs(tmp_pat
     assert summary["equivalence"]["passed"] > 0 and summary["equivalence"]["failed"] == 0
     # + the trained-only twin, which runs train.py under a python -c that sets torch's CUDA backend
     assert set(summary["train"]) == {"gpt", "dca:dca_k=2", "gpt:dtype=bfloat16;allow_bf16_reduced_precision_reduction=false"}
-    for run in summary["train"].values():
-        assert run["loss_falls"] and run["resumed"] and run["sampled"]
+    for spec, run in summary["train"].items():
+        if run["trained_only"]:  # the twin: trained for its losses, no resume or sample, not a check
+            assert spec == "gpt:dtype=bfloat16;allow_bf16_reduced_precision_reduction=false"
+            assert run["exit"] == "0" and run["loss_falls"] and run["resumed"] is None and run["sampled"] is None
+        else:
+            assert run["loss_falls"] and run["resumed"] and run["sampled"]
     assert [row["model"] for row in summary["bench"]["tiny"]] == ["gpt", "dca:dca_k=2"]
     assert summary["explain"]["gpt"]["graph_breaks"] == 0
     assert (out / "logs.tar.gz").stat().st_size > 0
@@ -49,6 +53,11 @@ def test_report_flags_a_bench_past_dynamos_recompile_limit(tmp_path):
     clean = {"train": {}, "explain": {}, "bench": {"tiny": [{"model": "gpt"}]}}
     assert gpu_run.checks_passed(clean)
     assert not gpu_run.checks_passed({**clean, "bench_past_recompile_limit": ["tiny"]})
+    # a twin trained only for its losses must run, but its loss may blow up (that is what it is there to show)
+    blown_up = {"exit": "0", "trained_only": True, "loss_falls": False, "resumed": None, "sampled": None}
+    assert gpu_run.checks_passed({**clean, "train": {"dcmha:dc_float32_scores=false": blown_up}})
+    assert not gpu_run.checks_passed({**clean, "train": {"dcmha:dc_float32_scores=false": {**blown_up, "exit": "1"}}})
+    assert not gpu_run.checks_passed({**clean, "train": {"dcmha": {**blown_up, "trained_only": False, "loss_falls": True}}})
 
 
 def test_a_training_runs_backend_setting_is_set_before_train_py_runs(tmp_path):
@@ -94,7 +103,7 @@ def test_phase_one_starts_the_training_runs_beside_gpt2_smalls_compiles(tmp_path
         with lock:
             running[kind] -= 1
 
-    def fake_train(r, mode, spec, data_dir, work):
+    def fake_train(r, mode, spec, data_dir, work, checks=True):
         busy("train", seconds=0.3)
         order.append(spec)
         if len(order) == len(specs) + len(mode["train_also"]):
