@@ -72,6 +72,7 @@ class TrainConfig:
     device: str = "auto"          # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps, xla
     dtype: str = "auto"           # auto: bf16 autocast on recent GPUs and TPU (fp16 on older GPUs), else float32
     compile: str = "auto"         # torch.compile: auto (on for CUDA), true, false
+    tf32: bool = True             # CUDA: float32 matmuls (what autocast leaves in float32) on TF32 tensor cores, as nanoGPT; false: full float32
     peak_flops: float = 0.0       # the device's peak FLOP/s for MFU; 0 = from PEAK_FLOPS by name
     seed: int = 1337              # model init and the order of the training batches
 
@@ -641,8 +642,9 @@ TORCH_TPU_UNSUPPORTED = ("--device=tpu (TorchTPU) is not supported: on a TPU use
                          "see the README's Colab TPU section")
 
 
-def resolve_device(name, local=0):
-    """'auto', 'cpu', 'cuda', 'cuda:1', 'mps' -> a torch.device this machine has, else a one-line error."""
+def resolve_device(name, local=0, tf32=True):
+    """'auto', 'cpu', 'cuda', 'cuda:1', 'mps' -> a torch.device this machine has, else a one-line error.
+    tf32: on CUDA, let float32 matmuls and convolutions use the TF32 tensor cores."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "tpu":
@@ -655,8 +657,8 @@ def resolve_device(name, local=0):
         device = torch.device("cuda", local) if name == "cuda" else torch.device(name)  # set_device needs an index
         if device.index >= torch.cuda.device_count():
             raise UserError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on the tensor cores, as nanoGPT
-        torch.backends.cudnn.allow_tf32 = True        # (what autocast leaves in float32: DCMHA's scores)
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # float32 matmuls on the tensor cores, as nanoGPT
+        torch.backends.cudnn.allow_tf32 = tf32        # (what autocast leaves in float32: DCMHA's attention)
         return device
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device=mps but MPS is not available here; use --device=cpu")
@@ -683,7 +685,7 @@ def setup_device(c, rank, world, local):
                             "else pip install torch_xla matching your torch version)")
         device = torch_xla.device()
     else:
-        device = resolve_device(name, local)
+        device = resolve_device(name, local, c.tf32)
         if device.type == "cuda":
             torch.cuda.set_device(device)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

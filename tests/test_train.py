@@ -158,3 +158,29 @@ def test_log_has_training_time_and_mfu_with_a_given_peak(data_dir, tmp_path):
 def read_log_of(result, out_dir):
     assert result.returncode == 0
     return read_log(out_dir)
+
+
+def test_tf32_flag_sets_cudas_float32_matmuls_and_the_log_records_them(monkeypatch):
+    # DCMHA's attention stays in float32 under bf16 autocast; with TF32 its matmuls round their inputs
+    # to 10 bits of mantissa, which no GPU has trained yet: --tf32=false keeps them in full float32.
+    # (No GPU here: CUDA's presence is faked; the settings are torch's globals, restored after.)
+    sys.path.insert(0, ROOT)
+    import train
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    try:
+        for given, tf32 in (([], True), (["--tf32=false"], False)):
+            c = train.parse_args(["--device=cuda", "--dtype=bfloat16", *given])[0]
+            system = train.setup_device(c, 0, 1, 0)
+            assert system.device.type == "cuda" and (matmul.allow_tf32, cudnn.allow_tf32) == (tf32, tf32)
+            record = train.start_record([], c, gpt.GPTConfig(), system, None)
+            assert record["cuda_matmul"] == {"allow_tf32": tf32, "allow_bf16_reduced_precision_reduction":
+                                             matmul.allow_bf16_reduced_precision_reduction}
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
+    assert train.start_record([], c, gpt.GPTConfig(), train.setup_device(train.parse_args(["--device=cpu"])[0], 0, 1, 0), None)[
+        "cuda_matmul"] is None  # not on the CPU

@@ -62,10 +62,12 @@ MODES = {
         # trained only: with its attention in bf16 (the authors' precision) dcmha's loss blew up
         # on an H200 and an H100 (step ~150) where the all-float32 twin trained; dcmha now keeps
         # its scores in float32 (dc_float32_scores), and this twin shows the bf16 way beside it.
-        # On the CPU the bf16 way trains, eager and compiled: the other two tell the GPU's suspects
-        # apart, inductor's Triton kernels (uncompiled) and cuBLAS's reduced-precision bf16 sums (off)
+        # On the CPU the bf16 way trains, eager and compiled: the next two tell the GPU's suspects
+        # apart, inductor's Triton kernels (uncompiled) and cuBLAS's reduced-precision bf16 sums (off).
+        # The float32 attention that trained had no TF32 (train.py's since): the last one has none
         train_also=("dcmha:dc_float32_scores=false", "dcmha:dc_float32_scores=false;compile=false",
-                    "dcmha:dc_float32_scores=false;allow_bf16_reduced_precision_reduction=false")),
+                    "dcmha:dc_float32_scores=false;allow_bf16_reduced_precision_reduction=false",
+                    "dcmha:tf32=false")),
     "cpu": dict(
         shapes={"tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=2, vocab_size=256)},
         train=["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=20",
