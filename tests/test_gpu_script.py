@@ -126,3 +126,5 @@ def test_phase_one_starts_the_training_runs_beside_gpt2_smalls_compiles(tmp_path
     assert most == {"train": 3, "warm": 2}  # workers - big_workers training runs at a time, big_workers compiles
     # gpt's compile first (phase 2 benches nothing without the baseline), then the slowest
     assert sorted(gpu_run.model_specs(), key=gpu_run.compile_order)[:3] == ["gpt", "dcmha", "dcmha:dc_compose=kernel"]
+    # the training runs the longest first (each compiles its model), the same order less gpt's head start
+    assert gpu_run.training_order(["gpt", "resformer", "attnres", "dca", "dcmha"]) == ["dcmha", "dca", "attnres", "gpt", "resformer"]

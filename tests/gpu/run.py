@@ -18,8 +18,8 @@ The steps, each with its log under OUT/logs/:
                   kernels inductor fused, the rest; its top kernels under logs/profile-<shape>/)
 Steps 1-3 run side by side with bench's compilation (--warm_cache: compiling is CPU work, which the
 machine's cores do in parallel, and inductor keeps what it compiled on disk): GPT-2 small's compiles
-a few at a time, gpt's then the slowest first, beside the suite, explain and the training runs, then the other
-compiles; then the timed benches run alone on the idle GPU. Nothing needs the network.
+a few at a time, gpt's then the slowest first, beside the suite, explain and the training runs (the
+longest first, then the trained-only twins), then the other compiles; then the timed benches run alone on the idle GPU. Nothing needs the network.
 
 Writes OUT/summary.json, OUT/table.md and OUT/logs.tar.gz, prints the table last, and exits with 0
 only when every check passed. --budget (seconds) bounds the whole run: a step that would not fit
@@ -100,13 +100,21 @@ BIG_SHAPE = "gpt2_small"  # its compiles run a few at a time (mode["big_workers"
 SLOWEST_TO_COMPILE = ("dcmha", "dca", "attnres", "muddformer")  # as timed on an H100
 
 
-def compile_order(spec):
-    """-1 for gpt (the baseline: without it phase 2 benches nothing), 0 for the model slowest to
-    compile, ..., len(SLOWEST_TO_COMPILE) for the rest."""
-    if spec == "gpt":
-        return -1
+def slowness(spec):
+    """0 for the model slowest to compile, ..., len(SLOWEST_TO_COMPILE) for the rest."""
     name = spec.partition(":")[0]
     return SLOWEST_TO_COMPILE.index(name) if name in SLOWEST_TO_COMPILE else len(SLOWEST_TO_COMPILE)
+
+
+def compile_order(spec):
+    """-1 for gpt (the baseline: without it phase 2 benches nothing), then the slowest first."""
+    return -1 if spec == "gpt" else slowness(spec)
+
+
+def training_order(specs):
+    """The training runs, the longest first (each compiles its model): the pool ends sooner than
+    with gpt's short run first and dca's last."""
+    return sorted(specs, key=slowness)
 
 
 # settings of torch's CUDA backend, not of train.py, that a training run's spec may set: train.py
@@ -430,7 +438,7 @@ def run_steps(args, specs, mode, logs, work):
         if "explain" in steps:
             jobs.append(pool.submit(explain, r, specs))
         if "train" in steps:
-            jobs += [pool.submit(train, r, mode, spec, data_dir, work) for spec in specs]
+            jobs += [pool.submit(train, r, mode, spec, data_dir, work) for spec in training_order(specs)]
             jobs += [pool.submit(train, r, mode, spec, data_dir, work, checks=False) for spec in train_also]
         warms = {}
         for shape_name, spec in compiles:  # each pool takes its own in compile_order
