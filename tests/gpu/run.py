@@ -19,7 +19,8 @@ The steps, each with its log under OUT/logs/:
 Steps 1-3 run side by side with bench's compilation (--warm_cache: compiling is CPU work, which the
 machine's cores do in parallel, and inductor keeps what it compiled on disk): GPT-2 small's compiles
 a few at a time, gpt's then the slowest first, beside the suite, explain and the training runs (the
-longest first, then the trained-only twins), then the other compiles; then the timed benches run alone on the idle GPU. Nothing needs the network.
+longest first, then the trained-only twins), then the other compiles; then the timed benches run
+alone on the idle GPU. Nothing needs the network.
 
 Writes OUT/summary.json, OUT/table.md and OUT/logs.tar.gz, prints the table last, and exits with 0
 only when every check passed. --budget (seconds) bounds the whole run: a step that would not fit
