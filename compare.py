@@ -814,11 +814,11 @@ SHADES = (0.0, 0.5, 0.25, 0.7)  # how far toward white each further variant goes
 
 
 def model_colors(specs):
-    """{spec: color} for specs like "gpt", "gpt:learning_rate=2e-3": each model's own color, its
-    further variants (in the order given) lighter shades of it."""
+    """{spec: color} for specs like "gpt", "gpt:learning_rate=2e-3": each model's own color (its
+    plain spec's, where there is one), its further variants (in the order given) lighter shades of it."""
     from matplotlib.colors import to_hex, to_rgb
     colors, variants, others = {}, {}, {}
-    for spec in specs:
+    for spec in plain_first(specs):
         name = spec.split(":")[0]
         if name not in MODEL_COLORS and name not in others:
             others[name] = OTHER_COLORS[len(others) % len(OTHER_COLORS)]
@@ -828,6 +828,24 @@ def model_colors(specs):
     return colors
 
 
+VARIANT_STYLES = (("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."))  # (marker, line style) of variants 0, 1, ...
+
+
+def plain_first(specs):
+    """specs, those without options first: "resformer" before "resformer:value_residual=learnable"."""
+    return sorted(specs, key=lambda spec: ":" in spec)
+
+
+def variant_styles(specs):
+    """{spec: (marker, line style)}: as model_colors counts them, a model's first spec circles and a
+    solid line, its further variants squares dashed, triangles dotted, ...: its shades told apart."""
+    seen, styles = {}, {}
+    for spec in plain_first(specs):
+        k = seen[spec.split(":")[0]] = seen.get(spec.split(":")[0], -1) + 1
+        styles[spec] = VARIANT_STYLES[k % len(VARIANT_STYLES)]
+    return styles
+
+
 def plots(runs, summary, models, out):
     """loss_vs_{step,flops,time}.png (each model's seed-mean val curve, a min-max band), delta_vs_gpt.png
     and, with one-process times (speed.json), steps_vs_step_time.png."""
@@ -835,7 +853,7 @@ def plots(runs, summary, models, out):
     matplotlib.use("Agg")
     main = {spec: [r for r in runs if r["model"] == spec and r["length"] == 1.0] for spec in models}
     main = {spec: rs for spec, rs in main.items() if rs}
-    color = model_colors(models)
+    color, style = model_colors(models), variant_styles(models)
     # the y range: the second half of training, where the models separate
     late = [v for rs in main.values() for r in rs for s, v in zip(r["steps"], r["val"]) if s >= r["steps"][-1] * 0.3]
     ylim = (min(late) - 0.01, max(late) + 0.01) if late else None
@@ -850,16 +868,17 @@ def plots(runs, summary, models, out):
     for axis, xlabel, fname in (("steps", "training step", "loss_vs_step.png"),
                                 ("flops", "training FLOPs", "loss_vs_flops.png"),
                                 ("time", time_label, "loss_vs_time.png")):
-        loss_plot(main, summary, color, axis, xlabel, ylim, out / fname)
+        loss_plot(main, summary, color, style, axis, xlabel, ylim, out / fname)
     delta_plot(summary, color, out / "delta_vs_gpt.png")
     if timed:
-        cost_plot(summary, color, out / "steps_vs_step_time.png")
+        cost_plot(summary, color, style, out / "steps_vs_step_time.png")
     else:  # (one from an earlier speed.json would no longer match the table)
         (out / "steps_vs_step_time.png").unlink(missing_ok=True)
 
 
-def loss_plot(main, summary, color, axis, xlabel, ylim, path):
-    """Val loss against steps, FLOPs or time: per model the mean over seeds, the band min to max."""
+def loss_plot(main, summary, color, style, axis, xlabel, ylim, path):
+    """Val loss against steps, FLOPs or time: per model the mean over seeds, the band min to max;
+    a model's variants in its shades, dashed, dotted, ..."""
     import matplotlib.pyplot as plt
     import numpy as np
     base = summary["baseline"]
@@ -867,7 +886,8 @@ def loss_plot(main, summary, color, axis, xlabel, ylim, path):
     for spec, rs in main.items():
         x = np.mean([r[axis] for r in rs], axis=0)
         vals = np.array([r["val"] for r in rs])
-        ax.plot(x, vals.mean(0), color=color[spec], lw=2.2 if spec == base else 1.6, label=f"{spec} (n={len(rs)})")
+        ax.plot(x, vals.mean(0), color=color[spec], ls=style[spec][1], lw=2.2 if spec == base else 1.6,
+                label=f"{spec} (n={len(rs)})")
         if len(rs) > 1:
             ax.fill_between(x, vals.min(0), vals.max(0), color=color[spec], alpha=0.15, lw=0)
     if axis == "flops" and summary["fit"]:
@@ -879,10 +899,12 @@ def loss_plot(main, summary, color, axis, xlabel, ylim, path):
     if ylim:
         ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, frameon=False)
     ax.set_title(f"{path.parent.name}: val loss, mean over seeds (band: min-max)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    many = len(main) > 12  # a sweep's many curves: their legend below the axes (and the x label), not over them
+    ax.legend(fontsize=7 if many else 8, frameon=False,
+              **dict(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2) if many else {})
+    fig.savefig(path, bbox_inches="tight" if many else None)
     plt.close(fig)
 
 
@@ -899,7 +921,7 @@ def power_law_overlay(ax, summary, color):
     return min(y for _, y in points)
 
 
-def cost_plot(summary, color, path):
+def cost_plot(summary, color, style, path):
     """What each idea saves and what it costs: steps to the baseline's final loss against step time,
     both over the baseline's (one-process times). On the curve steps x time = t, reaching the
     baseline's loss takes t times its wall-clock: below t = 1 a model gets there first."""
@@ -925,6 +947,7 @@ def cost_plot(summary, color, path):
             ax.plot([x, x], [min(paired), max(paired)], color=color[r["model"]], lw=1.5, alpha=0.5)
         missing = len(r["steps_to_gpt_loss_paired"]) - len(paired)
         ax.scatter([x], [r["steps_to_gpt_loss"]], s=70 if r["model"] == base else 45, color=color[r["model"]], zorder=3,
+                   marker=style[r["model"]][0],
                    edgecolors="white", lw=0.8, label=r["model"] + (
                        f" ({missing} of {len(r['steps_to_gpt_loss_paired'])} seeds miss their {base} seed's loss)"
                        if missing and r["model"] != base else ""))
@@ -1138,6 +1161,7 @@ def across_plot(summaries, base, differs, models, own_rates, path):
     fig, axes = plt.subplots(1, 2 if fitted else 1, figsize=(11 if fitted else 6.5, 4.8), dpi=130, squeeze=False)
     ax_delta, ax_mult = axes[0][0], axes[0][-1] if fitted else None  # (no grid with --lengths: no multipliers)
     colors = model_colors([base, *models])  # (the baseline's own variants shade off its color)
+    styles = variant_styles([base, *models])  # and variants of one model differ in marker and line too
 
     width = 0.5 / max(len(models), 1)
     for i, spec in enumerate(models):
@@ -1156,7 +1180,8 @@ def across_plot(summaries, base, differs, models, own_rates, path):
                 highs.append(interval[1] - r[key] if math.isfinite(interval[1]) else 0)  # (∞: in table.md)
                 if key == "delta":
                     ax.scatter([g + offset] * len(r["paired_deltas"]), r["paired_deltas"], s=9, color=color, alpha=0.45, lw=0)
-            ax.errorbar(xs, ys, yerr=[lows, highs], color=color, marker="o", ms=5, capsize=3, lw=1.6,
+            marker, line = styles[spec]
+            ax.errorbar(xs, ys, yerr=[lows, highs], color=color, marker=marker, ls=line, ms=5, capsize=3, lw=1.6,
                         label=(spec + rates_label(summaries, spec) if own_rates and "learning_rate=" not in spec else spec)
                         if key == "delta" else None)
     labels = [f"{g}\n{' '.join(differs[g])}" for g in grids]

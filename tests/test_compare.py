@@ -584,7 +584,7 @@ def test_recorded_commands_show_repo_paths_relative(tmp_path):
 
 
 def test_each_model_has_its_color_in_every_figure():
-    """A model's color does not depend on the grid: its first spec gets it, its further variants
+    """A model's color does not depend on the grid: its plain spec (else its first) gets it, its variants
     (another learning rate, k-DCA) lighter shades of it, all different; analyze.py uses the same."""
     import analyze
     colors = compare.model_colors(["gpt", "attnres", "gpt:learning_rate=2e-3", "muddformer:learning_rate=2e-3",
@@ -594,6 +594,13 @@ def test_each_model_has_its_color_in_every_figure():
     assert compare.model_colors(["dca", "attnres"])["attnres"] == colors["attnres"]       # whatever the order
     assert len(set(colors.values())) == len(colors)                                      # none shared
     assert colors["mine"] not in compare.MODEL_COLORS.values()                           # a model of your own
+    # the plain model keeps its own color wherever the grid lists it; its variants also differ in
+    # marker and line (three ResFormers were three blues of one look in own-rates' figure)
+    specs = ["resformer:value_residual=learnable_plus", "gpt", "resformer", "resformer:value_residual=learnable"]
+    assert compare.model_colors(specs)["resformer"] == compare.MODEL_COLORS["resformer"]
+    styles = compare.variant_styles(specs)
+    assert styles["resformer"] == styles["gpt"] == ("o", "-")
+    assert styles["resformer:value_residual=learnable_plus"] == ("s", "--") and styles["resformer:value_residual=learnable"] == ("^", ":")
 
 
 def test_an_unfinished_run_is_not_removed_while_a_live_run_holds_its_folder(tmp_path):
