@@ -30,6 +30,14 @@ def test_bench_json_has_every_key_and_ratio_to_gpt():
     assert [r["kv_ratio_to_gpt"] for r in rows] == [1.0, 1.0, 1.0]  # neither caches more than K and V
 
 
+def test_bench_cpu_memory_is_the_models_not_tritons_code():
+    # the CPU probe measures the RSS a fresh process gains; a kernel model's first step imports Triton
+    # (~140 MB), which showed dca:grn_kernel=true at 10x gpt's memory at a tiny shape
+    rows = json.loads(bench("--models=dca,dca:grn_kernel=true", "--json").stdout)
+    dca, kernel = rows[1]["peak_mem_mb"], rows[2]["peak_mem_mb"]
+    assert kernel < 2 * dca + 20, (dca, kernel)
+
+
 def test_bench_reports_svformers_smaller_kv_cache():
     rows = json.loads(bench("--models=svformer", "--json").stdout)
     L = int(next(a for a in TINY if a.startswith("--n_layer=")).split("=")[1])
