@@ -817,13 +817,12 @@ def model_colors(specs):
     """{spec: color} for specs like "gpt", "gpt:learning_rate=2e-3": each model's own color (its
     plain spec's, where there is one), its further variants (in the order given) lighter shades of it."""
     from matplotlib.colors import to_hex, to_rgb
-    colors, variants, others = {}, {}, {}
+    colors, others, numbers = {}, {}, variant_numbers(specs)
     for spec in plain_first(specs):
         name = spec.split(":")[0]
         if name not in MODEL_COLORS and name not in others:
             others[name] = OTHER_COLORS[len(others) % len(OTHER_COLORS)]
-        k = variants[name] = variants.get(name, -1) + 1
-        white = SHADES[k % len(SHADES)]
+        white = SHADES[numbers[spec] % len(SHADES)]
         colors[spec] = to_hex([c + white * (1 - c) for c in to_rgb(MODEL_COLORS.get(name) or others[name])])
     return colors
 
@@ -836,14 +835,20 @@ def plain_first(specs):
     return sorted(specs, key=lambda spec: ":" in spec)
 
 
-def variant_styles(specs):
-    """{spec: (marker, line style)}: as model_colors counts them, a model's first spec circles and a
-    solid line, its further variants squares dashed, triangles dotted, ...: its shades told apart."""
-    seen, styles = {}, {}
+def variant_numbers(specs):
+    """{spec: k}: 0 for a model's plain spec (else its first), 1, 2, ... for its further variants in
+    the order given; model_colors' shades and variant_styles' markers and lines both count so."""
+    numbers, seen = {}, {}
     for spec in plain_first(specs):
-        k = seen[spec.split(":")[0]] = seen.get(spec.split(":")[0], -1) + 1
-        styles[spec] = VARIANT_STYLES[k % len(VARIANT_STYLES)]
-    return styles
+        name = spec.split(":")[0]
+        numbers[spec] = seen[name] = seen.get(name, -1) + 1
+    return numbers
+
+
+def variant_styles(specs):
+    """{spec: (marker, line style)}: a model's variant 0 circles and a solid line, its further
+    variants squares dashed, triangles dotted, ...: its shades told apart."""
+    return {spec: VARIANT_STYLES[k % len(VARIANT_STYLES)] for spec, k in variant_numbers(specs).items()}
 
 
 def plots(runs, summary, models, out):

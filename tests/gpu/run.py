@@ -123,18 +123,22 @@ def training_order(specs):
 BACKEND_SETTINGS = {"allow_bf16_reduced_precision_reduction": "torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction"}
 
 
+def spec_settings(spec):
+    """'dca:dca_k=2;grn_kernel' -> [('dca_k', '=', '2'), ('grn_kernel', '', '')]."""
+    return [item.partition("=") for item in filter(None, spec.partition(":")[2].split(";"))]
+
+
 def spec_flags(spec):
     """'dca:dca_k=2' -> ['--model=dca', '--dca_k=2'] for train.py (without BACKEND_SETTINGS)."""
-    name, _, rest = spec.partition(":")
-    items = [item for item in filter(None, rest.split(";")) if item.partition("=")[0] not in BACKEND_SETTINGS]
-    return [f"--model={name}"] + [f"--{item}" for item in items]
+    return [f"--model={spec.partition(':')[0]}"] + [f"--{key}{sep}{value}" for key, sep, value in spec_settings(spec)
+                                                     if key not in BACKEND_SETTINGS]
 
 
 def train_command(spec):
     """How to start train.py for spec: [python, 'train.py'], or a python -c that first sets the
     spec's BACKEND_SETTINGS ('allow_bf16_reduced_precision_reduction=false') and then runs it."""
-    settings = [item.partition("=") for item in spec.partition(":")[2].split(";")]
-    prelude = [f"{BACKEND_SETTINGS[key]} = {value.capitalize()}" for key, _, value in settings if key in BACKEND_SETTINGS]
+    prelude = [f"{BACKEND_SETTINGS[key]} = {value.capitalize()}" for key, _, value in spec_settings(spec)
+               if key in BACKEND_SETTINGS]
     if not prelude:
         return [sys.executable, "train.py"]
     return [sys.executable, "-c", "; ".join(["import runpy, sys, torch", *prelude, "sys.argv[0] = 'train.py'",
