@@ -55,6 +55,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -1189,7 +1190,7 @@ def across_plot(summaries, base, differs, models, own_rates, path):
             ax.errorbar(xs, ys, yerr=[lows, highs], color=color, marker=marker, ls=line, ms=5, capsize=3, lw=1.6,
                         label=(spec + rates_label(summaries, spec) if own_rates and "learning_rate=" not in spec else spec)
                         if key == "delta" else None)
-    labels = [f"{g}\n{' '.join(differs[g])}" for g in grids]
+    labels = [grid_label(g, differs[g], columns=(60 if fitted else 70) // len(grids)) for g in grids]
     ax_delta.axhline(0, color="black", lw=1)
     ax_delta.set_ylabel(f"final val loss − {base}'s (nats/token; < 0 is better)")
     ax_delta.set_title("Δ vs the baseline: mean, Welch's 95% CI;\ndots: each seed − the baseline's same seed"
@@ -1203,11 +1204,22 @@ def across_plot(summaries, base, differs, models, own_rates, path):
         ax.set_xticks(range(len(grids)), labels)
         ax.set_xlim(-0.5, len(grids) - 0.5)
         ax.grid(axis="y", alpha=0.3)
-    ax_delta.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
-                    frameon=False)  # below the axes: over them it hides the points
     fig.tight_layout()
+    fig.canvas.draw()  # to place the legend under the tick labels, however many lines they took
+    labels_bottom = min(t.get_window_extent().y0 for t in ax_delta.get_xticklabels())
+    below = ax_delta.transAxes.inverted().transform((0, labels_bottom))[1] - 0.03
+    ax_delta.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, below), ncol=2,
+                    frameon=False)  # below the axes: over them it hides the points
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
+
+
+def grid_label(grid, flags, columns):
+    """'wide8\n--n_head=8 --n_embd=256\n--learning_rate=1e-3': a grid's name over the flags it varies,
+    broken between flags into lines of at most `columns` characters (a longer flag keeps a line of its
+    own), so that the labels of neighbouring grids do not run into each other."""
+    return "\n".join([grid, *textwrap.wrap(" ".join(flags), max(columns, 1), break_long_words=False,
+                                            break_on_hyphens=False)])
 
 
 def by_last_delta(summaries, models):

@@ -330,6 +330,31 @@ def test_across_lists_the_models_best_first_by_the_last_grids_delta(tmp_path):
     assert "`python compare.py --name=both --across=g8,g16`" in table  # (no --models: the same models)
 
 
+def test_across_figures_grid_labels_do_not_run_into_each_other(tmp_path, monkeypatch):
+    # width's figure: "--learning_rate=4e-3" under deep8 ran into "--n_head=8 --n_embd=256 --learning_rate=1e-3"
+    label = compare.grid_label("wide8", ["--n_head=8", "--n_embd=256", "--learning_rate=1e-3"], columns=30)
+    assert label == "wide8\n--n_head=8 --n_embd=256\n--learning_rate=1e-3"  # broken between flags, none split
+    assert compare.grid_label("g", ["--a_flag_longer_than_the_columns=1"], columns=8) == "g\n--a_flag_longer_than_the_columns=1"
+    assert compare.grid_label("g", [], columns=8) == "g"
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to measure its labels
+    flags = {"a": ["--learning_rate=4e-3"], "b": ["--n_head=8", "--n_embd=256", "--learning_rate=1e-3"],
+             "c": ["--n_layer=16", "--n_head=8", "--n_embd=256", "--block_size=256", "--learning_rate=2e-3"]}
+    for grid, extra in flags.items():
+        write_grid(tmp_path / grid, ["--max_iters=100", *extra], {"gpt": [2.0, 2.1, 2.2], "m": [1.9, 2.0, 2.05]})
+    figures.clear()  # (each grid's own plots)
+    compare.main([f"--results={tmp_path}", "--name=three", "--across=a,b,c"])
+    fig, = figures
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].get_xticklabels()]
+    assert len(boxes) == 3 and all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:])), \
+        [(b.x0, b.x1) for b in boxes]
+    legend = fig.axes[0].get_legend().get_window_extent(renderer)
+    assert legend.y1 < min(b.y0 for b in boxes)  # and the legend sits under them, not over them
+
+
 def test_across_puts_the_grids_models_side_by_side(tmp_path, capsys):
     write_grid(tmp_path / "g8", ["--n_layer=8", "--data_dir=a"], {"gpt": [2.0, 2.1, 2.2], "m": [1.9, 2.0, 2.05],
                                                                    "only8": [2.0, 2.1, 2.2]})
