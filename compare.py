@@ -506,6 +506,23 @@ def data_of(run):
             f"val split by {run['val_split']}")
 
 
+def refuse_other_data(results, train_flags):
+    """A grid's runs are compared on one data: refuse to train more of them on other data than its
+    finished runs had. A data folder made again with other prepare_data.py flags (another
+    --val_split) keeps its name and its --data_dir, and moves every val loss."""
+    import train
+    was = {data_of(json.loads(p.read_text())) for p in (results / "runs").glob("*/run.json")} - {UNRECORDED}
+    if not was:
+        return
+    c, _, _ = check_flags(train_flags)
+    folder, meta = train.load_dataset(c)
+    now = data_of({"dataset": folder, **meta})
+    if now not in was:
+        sys.exit(f"error: {results}'s runs trained on {' and on '.join(sorted(was))}, but {folder} now holds "
+                 f"{now}: make their data again there (python prepare_data.py --force with the flags that made "
+                 f"it), or give --data_dir a folder that holds it; nothing was trained or changed")
+
+
 def group_runs(runs, key):
     """{key(run): the names of its runs}, the largest group first."""
     groups = {}
@@ -1356,6 +1373,7 @@ def main(argv=None):
         info["seeds"] = sorted(set(before["seeds"]) | set(args.seeds))
         info["lengths"] = sorted(set(before["lengths"]) | set(args.lengths))
         info["commands"] = before["commands"] + ([command] if command not in before["commands"] else [])
+        refuse_other_data(results, train_flags)
     old.write_text(json.dumps(info, indent=1) + "\n")
     with stopped_by_signals(args.name):
         run_grid(args, train_flags, results)

@@ -598,6 +598,33 @@ def test_a_grid_continues_under_its_recorded_command(tmp_path, monkeypatch):
         compare.main(["--name=g", f"--results={results}", "--models=gpt", "--data_dir=data2", "--max_iters=100"])
 
 
+def test_a_grid_refuses_to_go_on_with_other_data_under_the_same_data_dir(data_dir, tmp_path, monkeypatch):
+    """The data folder made again with another --val_split keeps its --data_dir: the grid's next runs
+    would train on other val windows than its finished ones. compare.py must refuse, before
+    anything is trained or recorded, and go on once the data is the runs' again."""
+    results = tmp_path / "results"
+    grid = results / "g"
+    (grid / "runs" / "gpt-s1").mkdir(parents=True)
+    recorded = {"commands": ["python compare.py --name=g"], "models": ["gpt"], "seeds": [1], "lengths": [],
+                "train_flags": [f"--data_dir={data_dir}", "--max_iters=100"]}
+    (grid / "compare.json").write_text(json.dumps(recorded))
+    meta = json.loads((Path(data_dir) / "pystdlib" / "meta.json").read_text())
+    finished = {"run": "gpt-s1", "model": "gpt", "seed": 1, "dataset": str(Path(data_dir) / "pystdlib"),
+                "train_tokens": meta["train_tokens"] + 17, "val_tokens": meta["val_tokens"] - 17, "val_split": "documents"}
+    (grid / "runs" / "gpt-s1" / "run.json").write_text(json.dumps(finished))
+    monkeypatch.setattr(compare, "run_grid", lambda *args: None)  # the checks only: nothing trains
+    monkeypatch.setattr(compare, "report", lambda *args: "")
+    argv = ["--name=g", f"--results={results}", "--models=gpt", "--seeds=1,2", f"--data_dir={data_dir}", "--max_iters=100"]
+    with pytest.raises(SystemExit, match=r"runs trained on pystdlib: .* val split by documents, but .* now holds "
+                                         r"pystdlib: .* val split by tokens: make their data again"):
+        compare.main(argv)
+    assert json.loads((grid / "compare.json").read_text()) == recorded  # nothing recorded
+    finished.update(train_tokens=meta["train_tokens"], val_tokens=meta["val_tokens"], val_split=meta["val_split"])
+    (grid / "runs" / "gpt-s1" / "run.json").write_text(json.dumps(finished))
+    compare.main(argv)  # the runs' data again: the grid goes on
+    assert json.loads((grid / "compare.json").read_text())["seeds"] == [1, 2]
+
+
 def test_recorded_commands_show_repo_paths_relative(tmp_path):
     """compare.json and run.json record commands a reader can rerun from the repo: no absolute
     path into this machine's checkout, paths outside it unchanged."""
