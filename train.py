@@ -699,6 +699,16 @@ def setup_device(c, rank, world, local):
     return System(device, dtype, rank, world, local, name == "xla")
 
 
+def warn_if_data_changed(before, now, folder):
+    """A resume on data made again since the checkpoint (another --val_split, another corpus) trains
+    on and is evaluated on other tokens than the run so far: allowed (it may be meant), but said."""
+    keys = ("train_tokens", "val_tokens", "val_split")
+    if any(before.get(k) != now.get(k) for k in keys):
+        print(f"warning: {folder} has changed since the checkpoint (train/val tokens, val split: "
+              f"{', '.join(str(before.get(k)) for k in keys)} then, {', '.join(str(now.get(k)) for k in keys)} now): "
+              f"the resumed run trains and evaluates on other data than before", file=sys.stderr)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     c, model_values, explicit = parse_args(argv)
@@ -717,6 +727,8 @@ def main(argv=None):
             raise UserError(f"checkpoint was trained with tokenizer {checkpoint['meta']['tokenizer']} "
                             f"(vocab {checkpoint['meta']['vocab_size']}) but --dataset={c.dataset} uses "
                             f"{meta['tokenizer']} (vocab {meta['vocab_size']}); pick the matching --dataset")
+        if checkpoint is not None and rank == 0:
+            warn_if_data_changed(checkpoint["meta"], meta, data_folder)
         config = model_config(model_values, meta["vocab_size"])
         system = setup_device(c, rank, world, local)
         trainer = Trainer(c, config, meta, data_folder, system, checkpoint, ckpt_path)

@@ -104,6 +104,24 @@ def test_resume_with_another_tokenizer_is_refused(data_dir, tmp_path):
     assert result.returncode == 2 and "tokenizer" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_resume_on_data_made_again_says_so(data_dir, tmp_path):
+    """The same --data_dir made again with another --val_split between two sittings of a run: the
+    resume goes on (it may be meant) but says the data changed; on the same data it says nothing."""
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_iters=2", "--eval_interval=2")
+    same = train(data_dir, out, "--max_iters=4", "--eval_interval=2", "--init_from=resume")
+    assert "has changed since the checkpoint" not in same.stderr
+    other = tmp_path / "other" / "pystdlib"
+    other.mkdir(parents=True)
+    for f in ("train.bin", "val.bin"):
+        (other / f).write_bytes((data_dir / "pystdlib" / f).read_bytes())
+    meta = json.loads((data_dir / "pystdlib" / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "val_split": "documents"}))
+    changed = train(tmp_path / "other", out, "--max_iters=6", "--eval_interval=2", "--init_from=resume")
+    assert "has changed since the checkpoint" in changed.stderr and "tokens then" in changed.stderr, changed.stderr
+    assert "documents now" in changed.stderr and read_log(out)[-1]["step"] == 6
+
+
 def test_resume_refuses_to_change_the_model(data_dir, tmp_path):
     train(data_dir, tmp_path, "--max_iters=2", "--eval_interval=2")
     result = train(data_dir, tmp_path, "--max_iters=4", "--init_from=resume", "--n_layer=3", check=False)
