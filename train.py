@@ -703,7 +703,7 @@ def warn_if_data_changed(before, now, folder):
     """A resume on data made again since the checkpoint (another --val_split, another corpus) trains
     on and is evaluated on other tokens than the run so far: allowed (it may be meant), but said."""
     keys = ("train_tokens", "val_tokens", "val_split")
-    if any(before.get(k) != now.get(k) for k in keys):
+    if any(k in before and before[k] != now.get(k) for k in keys):  # (a key the checkpoint lacks: unrecorded, not changed)
         print(f"warning: {folder} has changed since the checkpoint (train/val tokens, val split: "
               f"{', '.join(str(before.get(k)) for k in keys)} then, {', '.join(str(now.get(k)) for k in keys)} now): "
               f"the resumed run trains and evaluates on other data than before", file=sys.stderr)
