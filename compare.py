@@ -31,7 +31,9 @@ columns and loss_vs_time.png then use those.
 Δ vs the baseline with both p-values and its compute multiplier in every grid, one table and
 delta_across.png, in results/NAME/ — e.g. the same models at 8 and 16 layers. It matches rows by
 spec; with --own_rates by model, whatever learning rate each grid trained it at (each cell names
-it): dcmha:learning_rate=2e-3 at 8 layers next to dcmha:learning_rate=1e-3 at 16.
+it): dcmha:learning_rate=2e-3 at 8 layers next to dcmha:learning_rate=1e-3 at 16. A grid that
+trained a model at two rates needs --models to say which row to take (its spec with the rate:
+--models=dcmha,muddformer:learning_rate=2e-3).
 
 --against=MODEL (with --summary) makes the table again with another of the grid's models as the
 baseline, into results/NAME/against-<MODEL>.md: e.g. each variant against gpt at its own rate.
@@ -1108,22 +1110,36 @@ def learning_rate_of(spec, train_flags):
     return name + (":" + ";".join(others) if others else ""), rate
 
 
-def by_model(summaries, base):
+def by_model(summaries, base, named=()):
     """--own_rates: each grid's rows renamed by model (the spec without its learning rate), the rate
-    kept in "learning_rate"; a grid with one model at two rates is refused (which row would it be?).
-    The baseline's own variants (gpt:learning_rate=2e-3) keep their names: they are not the baseline."""
+    kept in "learning_rate". A grid with one model at two rates keeps the row whose spec --models
+    names (named: muddformer:learning_rate=2e-3), and is refused if it names none (which row would it
+    be?). The baseline's own variants (gpt:learning_rate=2e-3) keep their names: they are not the
+    baseline. Returns the summaries and the specs that picked a row."""
+    picked = set()
     for grid, s in summaries.items():
-        seen = {}
+        train_flags = s["compare"]["train_flags"]
+        by_name = {}
         for r in s["rows"]:
-            model, rate = learning_rate_of(r["model"], s["compare"]["train_flags"])
-            if r["model"] != base and model == base:
-                model = r["model"]
-            if model in seen:
-                sys.exit(f"error: --own_rates: {grid} trained {model} at more than one learning rate "
-                         f"({seen[model]}, {r['model']}): compare by spec (without --own_rates), or with --models")
-            seen[model] = r["model"]
-            r["model"], r["learning_rate"] = model, rate
-    return summaries
+            model = learning_rate_of(r["model"], train_flags)[0]
+            by_name.setdefault(r["model"] if r["model"] != base and model == base else model, []).append(r)
+        rows = []
+        for model, candidates in by_name.items():
+            if len(candidates) > 1:
+                chosen = [r for r in candidates if r["model"] in named]
+                if len(chosen) != 1:
+                    sys.exit(f"error: --own_rates: {grid} trained {model} at more than one learning rate "
+                             f"({', '.join(r['model'] for r in candidates)}): name the one to take in --models "
+                             f"(e.g. --models={candidates[-1]['model']}), or compare by spec (without --own_rates)")
+                picked.add(chosen[0]["model"])
+                candidates = chosen
+            r = candidates[0]
+            r["learning_rate"] = learning_rate_of(r["model"], train_flags)[1]
+            r["model"] = model
+            rows.append(r)
+        kept = {id(r) for r in rows}
+        s["rows"] = [r for r in s["rows"] if id(r) in kept]  # in the grid's order
+    return summaries, picked
 
 
 def grid_differences(summaries):
@@ -1258,8 +1274,11 @@ def across(root, name, grids, models=None, own_rates=False):
     side; matched by spec, or with own_rates by model at whatever learning rate each grid has it."""
     summaries = load_grids(root, grids)
     base = next(iter(summaries.values()))["baseline"]
+    given, picked = models, set()
     if own_rates:
-        summaries = by_model(summaries, base)
+        summaries, picked = by_model(summaries, base, models or ())
+        if models:  # by model too: muddformer:learning_rate=2e-3 -> muddformer (its rate picked a row, or none)
+            models = [m if learning_rate_of(m, [])[0] == base else learning_rate_of(m, [])[0] for m in models]
     in_all = [r["model"] for r in summaries[grids[0]]["rows"]
               if r["model"] != base and all(model_row(s, r["model"]) for s in summaries.values())]
     named = bool(models)
@@ -1276,7 +1295,7 @@ def across(root, name, grids, models=None, own_rates=False):
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
     again = f"python compare.py --name={name} --across={','.join(grids)}" + (" --own_rates" if own_rates else "") + (
-        f" --models={','.join(models)}" if models != in_all else "")
+        f" --models={','.join(given if named else models)}" if models != in_all or picked else "")
     differs = grid_differences(summaries)
     models = by_last_delta(summaries, models)  # the table's rows and the figure's points and legend alike
     table = across_markdown(name, again, summaries, base, differs, models, own_rates)
@@ -1302,7 +1321,9 @@ def parse_args(argv):
     parser.add_argument("--across", default="", help="comma-separated grids (with their summary.json): their "
                                                      "models side by side in results/NAME/, no training")
     parser.add_argument("--own_rates", action="store_true", help="with --across: match each model's rows by model, "
-                                                                    "whatever learning rate each grid trained it at")
+                                                                    "whatever learning rate each grid trained it at "
+                                                                    "(--models=SPEC:learning_rate=R picks the row "
+                                                                    "of a grid that has the model at two)")
     parser.add_argument("--against", default="", help="with --summary: another of the grid's models as the baseline, "
                                                       "into results/NAME/against-<model>.md (table.md stays)")
     parser.add_argument("--markdown", action="store_true", help="print table.md when done")

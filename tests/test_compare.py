@@ -432,9 +432,23 @@ def test_across_with_own_rates_matches_each_model_at_the_rate_each_grid_has_it(t
     assert compare.rates_label(plotted, "gpt:learning_rate=2e-3") == " (lr 2e-3)"
     write_grid(tmp_path / "sweep", ["--n_layer=8"], {"gpt": [2.0, 2.1, 2.2], "dca:learning_rate=1e-3": [2.1, 2.1, 2.3],
                                                      "dca:learning_rate=2e-3": [2.0, 2.2, 2.1]})
-    with pytest.raises(SystemExit, match=r"sweep trained dca at more than one learning rate \(dca:learning_rate=1e-3, "
-                                         r"dca:learning_rate=2e-3\)"):
-        compare.main([f"--results={tmp_path}", "--name=own", "--across=g8,sweep", "--own_rates"])
+    for models in ([], ["--models=dca"], ["--models=dca:learning_rate=4e-3"]):  # nothing, or nothing there, picks
+        with pytest.raises(SystemExit, match=r"sweep trained dca at more than one learning rate \(dca:learning_rate=1e-3, "
+                                             r"dca:learning_rate=2e-3\): name the one to take in --models"):
+            compare.main([f"--results={tmp_path}", "--name=own", "--across=g8,sweep", "--own_rates", *models])
+    write_grid(tmp_path / "g8b", ["--n_layer=8", "--learning_rate=4e-3"],
+               {"gpt": [2.0, 2.1, 2.2], "dca:learning_rate=2e-3": [1.9, 2.0, 2.15]})
+    compare.main([f"--results={tmp_path}", "--name=own", "--across=g8b,sweep", "--own_rates",
+                  "--models=dca:learning_rate=1e-3"])  # picks sweep's 1e-3 row; g8b has dca at one rate: that one
+    table = (tmp_path / "own" / "table.md").read_text()
+    assert "`python compare.py --name=own --across=g8b,sweep --own_rates --models=dca:learning_rate=1e-3`" in table
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| `")}
+    assert list(rows) == ["`dca`"] and rows["`dca`"][0] == "-0.0833 (n=3, lr 2e-3)"
+    assert rows["`dca`"][2] == "+0.0667 (n=3, lr 1e-3)"  # sweep's 1e-3 row (2.1667), not its 2e-3 one (2.1)
+    compare.main([f"--results={tmp_path}", "--name=own", "--across=g8b,sweep", "--own_rates",
+                  "--models=dca:learning_rate=2e-3"])
+    assert "+0.0000 (n=3, lr 2e-3)" in (tmp_path / "own" / "table.md").read_text()
     with pytest.raises(SystemExit):
         compare.main([f"--results={tmp_path}", "--name=g8", "--summary", "--own_rates"])
     assert "use it with --across" in capsys.readouterr().err
