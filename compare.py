@@ -1233,6 +1233,10 @@ def across_plot(summaries, base, differs, models, own_rates, path):
         ax_mult.set_ylabel(f"compute multiplier (× {base}'s training FLOPs)")
         ax_mult.set_title("the baseline's compute the gain is worth\n(95% bootstrap interval over seeds; ∞ in table.md only)",
                           fontsize=9)
+        for g, s in enumerate(summaries.values()):
+            if s.get("fit") is None:  # say why the column is empty, where it is empty
+                ax_mult.text(g, 0.5, f"no multipliers:\n{base} ran at\none length here\n(no --lengths)", ha="center",
+                             va="center", fontsize=8, color="0.45", transform=ax_mult.get_xaxis_transform())
     for ax in axes[0]:
         ax.set_xticks(range(len(grids)), labels)
         ax.set_xlim(-0.5, len(grids) - 0.5)
