@@ -1110,6 +1110,13 @@ def learning_rate_of(spec, train_flags):
     return name + (":" + ";".join(others) if others else ""), rate
 
 
+def own_rates_name(spec, base):
+    """--own_rates' row name: the spec without its learning rate, but for the baseline's own variants
+    (gpt:learning_rate=2e-3), which keep their names: they are not the baseline."""
+    name = learning_rate_of(spec, [])[0]
+    return spec if name == base else name
+
+
 def by_model(summaries, base, named=()):
     """--own_rates: each grid's rows renamed by model (the spec without its learning rate), the rate
     kept in "learning_rate". A grid with one model at two rates keeps the row whose spec --models
@@ -1121,8 +1128,7 @@ def by_model(summaries, base, named=()):
         train_flags = s["compare"]["train_flags"]
         by_name = {}
         for r in s["rows"]:
-            model = learning_rate_of(r["model"], train_flags)[0]
-            by_name.setdefault(r["model"] if r["model"] != base and model == base else model, []).append(r)
+            by_name.setdefault(own_rates_name(r["model"], base), []).append(r)
         rows = []
         for model, candidates in by_name.items():
             if len(candidates) > 1:
@@ -1282,7 +1288,7 @@ def across(root, name, grids, models=None, own_rates=False):
     if own_rates:
         summaries, picked = by_model(summaries, base, models or ())
         if models:  # by model too: muddformer:learning_rate=2e-3 -> muddformer (its rate picked a row, or none)
-            models = [m if learning_rate_of(m, [])[0] == base else learning_rate_of(m, [])[0] for m in models]
+            models = [own_rates_name(m, base) for m in models]
     in_all = [r["model"] for r in summaries[grids[0]]["rows"]
               if r["model"] != base and all(model_row(s, r["model"]) for s in summaries.values())]
     named = bool(models)
