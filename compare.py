@@ -711,8 +711,11 @@ def summarize(runs, models, speed=None):
     source = ({key: speed[key] for key in ("command", "device", "threads", "hostname_cpu", "torch", "measured", "paired")
                if key in speed} if timed else "the training logs")
     used = [r for rs in main.values() for r in rs] + [r for r in lengths if r["length"] != 1.0]
+    fit_points = {str(length): machines([r for r in lengths if r["length"] == length])
+                  for length in sorted({r["length"] for r in lengths})} if fit else {}
     return {"baseline": base, "fit": fit, "lengths": {str(k): v for k, v in sorted(by_length.items())},
-            "ms_per_step_from": source, "machines": machines(used), "datasets": group_runs(used, data_of), "rows": rows}
+            "ms_per_step_from": source, "machines": machines(used), "fit_machines": fit_points,
+            "datasets": group_runs(used, data_of), "rows": rows}
 
 
 # -----------------------------------------------------------------------------
@@ -767,7 +770,8 @@ def table_markdown(summary, info):
              "over the baseline's; time: those steps at the model's ms/step, over the baseline's. ", speed_note(summary)]
     if fit:
         notes.append(f"Fit: L(C) = {fit['a']:.4f}·(C/{fit['c0']:.3g})^-{fit['b']:.3f} + {fit['c']:.4f}.")
-    return "\n".join(lines) + "\n\n" + "".join(notes) + "\n\n" + machines_note(summary) + data_note(summary) + "\n"
+    return ("\n".join(lines) + "\n\n" + "".join(notes) + "\n\n" + machines_note(summary) + fit_machines_note(summary)
+            + data_note(summary) + "\n")
 
 
 def machines_note(summary):
@@ -778,6 +782,19 @@ def machines_note(summary):
         return "".join(f"Trained on: {m} (all {len(names)} runs)." for m, names in found.items())
     return (f"**Trained on {len(found)} machines** ({which_runs(found)}). The kernels' rounding makes the same "
             f"run's curve diverge early (like another seed's), so pair rows from one machine.")
+
+
+def fit_machines_note(summary):
+    """' The power law's points: ...': where the baseline trained at each length, for a grid whose fit
+    mixes machines (its 600-step runs on one VM, its 0.5x and 2x on another): every multiplier then
+    rests on both machines' rounding."""
+    points = summary.get("fit_machines") or {}
+    if len({m for where in points.values() for m in where}) <= 1:
+        return ""
+    return (" The power law's points, the baseline at " + "; ".join(
+        f"{float(length):g}× the steps: " + ", ".join(f"{m} ({len(names)} run{'s' * (len(names) > 1)})"
+                                                     for m, names in where.items())
+        for length, where in points.items()) + ": its compute multipliers mix machines too.")
 
 
 def recorded_data(summary):

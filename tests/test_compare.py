@@ -568,6 +568,36 @@ def test_compute_multiplier_of_a_shifted_power_law(tmp_path):
                                             {"seeds": [1, 2]}).splitlines()[3]  # m's row shows its interval
 
 
+def test_the_table_says_which_machine_each_point_of_its_power_law_came_from(tmp_path):
+    """A grid whose baseline ran its main length on one VM and its other lengths on another fits one law
+    through both: the table names the machine of each point; a fit from one machine says nothing more."""
+    for length, iters in ((0.5, 50), (1.0, 100), (2.0, 200)):
+        for seed in (1, 2):
+            name = "gpt-s%d" % seed if length == 1.0 else f"gpt-x{length:g}-s{seed}"
+            write_run(tmp_path / "runs" / name, "gpt", seed, [9.0, 2 * (iters / 100) ** -0.3 + 1 + seed / 1e3],
+                      length=length, max_iters=iters)
+    for seed in (1, 2):
+        write_run(tmp_path / "runs" / f"m-s{seed}", "m", seed, [9.0, 2.9 + seed ** 2 / 1e3])
+
+    def on(cpu, *names):
+        for name in names:
+            info = tmp_path / "runs" / name / "run.json"
+            info.write_text(json.dumps({**json.loads(info.read_text()), "hostname_cpu": cpu, "cpu_capability": "AVX512"}))
+
+    def table():
+        return compare.table_markdown(compare.summarize(compare.load_runs(tmp_path), ["gpt", "m"]), {"seeds": [1, 2]})
+    on("Intel Xeon", "gpt-s1", "gpt-s2", "m-s1", "m-s2", "gpt-x0.5-s1", "gpt-x0.5-s2", "gpt-x2-s1", "gpt-x2-s2")
+    assert "Trained on: Intel Xeon (AVX512) (all 8 runs)." in table() and "power law's points" not in table()
+    on("AMD EPYC", "gpt-x0.5-s1", "gpt-x0.5-s2", "gpt-x2-s1")
+    assert ("The power law's points, the baseline at 0.5× the steps: AMD EPYC (AVX512) (2 runs); 1× the steps: "
+            "Intel Xeon (AVX512) (2 runs); 2× the steps: AMD EPYC (AVX512) (1 run), Intel Xeon (AVX512) (1 run): "
+            "its compute multipliers mix machines too.") in table()
+    # the model's runs on another machine than the whole law: the machines warning, but no fit note
+    on("Intel Xeon", "gpt-x0.5-s1", "gpt-x0.5-s2", "gpt-x2-s1")
+    on("AMD EPYC", "m-s1", "m-s2")
+    assert "**Trained on 2 machines**" in table() and "power law's points" not in table()
+
+
 # -----------------------------------------------------------------------------
 # the FLOPs every model claims, against PyTorch's count of one forward
 
