@@ -125,7 +125,7 @@ def model_facts(argv):
     return {"params": model.num_params(), "flops_per_token": model.flops_per_token(),
             "tokens_per_step": c.batch_size * c.gradient_accumulation_steps * block_size,
             "max_iters": c.max_iters, "bytes_per_token": bytes_per_token, "dataset": folder, "tokenizer": meta["tokenizer"],
-            "train_tokens": meta.get("train_tokens"), "val_tokens": meta.get("val_tokens"), "val_split": meta["val_split"]}
+            **{key: meta.get(key) for key in train.DATA_IDENTITY}}  # what data_of reads back
 
 
 def environment(env=None):
@@ -500,8 +500,9 @@ UNRECORDED = "not recorded (a run.json from before compare.py recorded the data)
 
 
 def data_of(run):
-    """The data a run trained and was evaluated on, as its run.json says: another split is another
-    fixed set of val windows, and moves the logged val loss."""
+    """The data a run trained and was evaluated on, as its run.json says (train.DATA_IDENTITY, as
+    model_facts recorded it): another split is another fixed set of val windows, and moves the logged
+    val loss."""
     if run.get("val_tokens") is None:
         return UNRECORDED
     return (f"{Path(run['dataset']).name}: {run['train_tokens']:,} train + {run['val_tokens']:,} val tokens, "

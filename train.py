@@ -699,10 +699,15 @@ def setup_device(c, rank, world, local):
     return System(device, dtype, rank, world, local, name == "xla")
 
 
+# what tells one prepared dataset from another of the same name (meta.json's fields): made again with
+# another --val_split (or from another corpus), a data folder holds other train and val tokens
+DATA_IDENTITY = ("train_tokens", "val_tokens", "val_split")
+
+
 def warn_if_data_changed(before, now, folder):
     """A resume on data made again since the checkpoint (another --val_split, another corpus) trains
     on and is evaluated on other tokens than the run so far: allowed (it may be meant), but said."""
-    keys = ("train_tokens", "val_tokens", "val_split")
+    keys = DATA_IDENTITY
     if any(k in before and before[k] != now.get(k) for k in keys):  # (a key the checkpoint lacks: unrecorded, not changed)
         print(f"warning: {folder} has changed since the checkpoint (train/val tokens, val split: "
               f"{', '.join(str(before.get(k)) for k in keys)} then, {', '.join(str(now.get(k)) for k in keys)} now): "
