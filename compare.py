@@ -18,7 +18,9 @@ git commit) are copied to results/NAME/runs/, and the summary is made from those
     table.md, summary.json    per model: params, training FLOPs, final val loss (mean ± std over
                               seeds, nats/token and bits/byte), Δ vs gpt with Welch's and the
                               paired (same seeds = same batches) t-test, the compute multiplier,
-                              the steps and the time to reach gpt's final loss, ms/step
+                              the steps and the time to reach gpt's final loss, ms/step; under
+                              it, seed by seed, each model's Δ vs gpt on the same seed and on
+                              how many seeds it ended below gpt
     loss_vs_step.png, loss_vs_flops.png, loss_vs_time.png, delta_vs_gpt.png (and with --speed,
     steps_vs_step_time.png: the steps each model saves against the step time it pays)
 
@@ -693,10 +695,11 @@ def summarize(runs, models, speed=None):
                "val_mean": mean, "val_std": std, "val_finals": finals,
                "bpb_mean": mean / ln2 / bpt if bpt else None, "bpb_std": std / ln2 / bpt if bpt else None,
                "delta": mean - base_mean, "delta_ci95": None, "welch_p": None,
-               "paired_deltas": None, "paired_p": None, "compute_multiplier": None, "compute_multiplier_ci95": None,
+               "paired_seeds": None, "paired_deltas": None, "paired_p": None, "compute_multiplier": None, "compute_multiplier_ci95": None,
                "steps_to_gpt_loss": None, "time_to_gpt_loss": None, "ms_per_step": ms_per_step[spec]}
         if spec != base:
             row["welch_p"], row["delta_ci95"] = welch(finals, list(base_final.values()))
+            row["paired_seeds"] = [r["seed"] for r in rs if r["seed"] in base_final]
             row["paired_deltas"] = [r["final"] - base_final[r["seed"]] for r in rs if r["seed"] in base_final]
             row["paired_p"] = paired_p(row["paired_deltas"])
         if fit:
@@ -772,7 +775,24 @@ def table_markdown(summary, info):
     if fit:
         notes.append(f"Fit: L(C) = {fit['a']:.4f}·(C/{fit['c0']:.3g})^-{fit['b']:.3f} + {fit['c']:.4f}.")
     return ("\n".join(lines) + "\n\n" + "".join(notes) + "\n\n" + machines_note(summary) + fit_machines_note(summary)
-            + data_note(summary) + "\n")
+            + data_note(summary) + "\n" + seeds_markdown(summary))
+
+
+def seeds_markdown(summary):
+    """The paired Δs behind 'p (paired)', seed by seed: on how many seeds each model ended below the
+    baseline, and by how much on each; empty where no model shares two seeds with the baseline."""
+    base = summary["baseline"]
+    rows = [r for r in summary["rows"] if r["model"] != base and len(r.get("paired_deltas") or []) >= 2]
+    if not rows:
+        return ""
+    lines = [f"\nSeed by seed: each model's final val loss minus `{base}`'s on the same seed (the same batches).\n",
+             f"| model | below {base} on | Δ by seed | from | to |", "|---|---:|---|---:|---:|"]
+    for r in rows:
+        deltas = r["paired_deltas"]
+        by_seed = ", ".join(f"s{seed} {d:+.4f}" for seed, d in zip(r["paired_seeds"], deltas))
+        lines.append(f"| `{r['model']}` | {sum(d < 0 for d in deltas)} of {len(deltas)} seeds | {by_seed} | "
+                     f"{min(deltas):+.4f} | {max(deltas):+.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def machines_note(summary):
