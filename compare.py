@@ -695,12 +695,14 @@ def summarize(runs, models, speed=None):
                "val_mean": mean, "val_std": std, "val_finals": finals,
                "bpb_mean": mean / ln2 / bpt if bpt else None, "bpb_std": std / ln2 / bpt if bpt else None,
                "delta": mean - base_mean, "delta_ci95": None, "welch_p": None,
-               "paired_seeds": None, "paired_deltas": None, "paired_p": None, "compute_multiplier": None, "compute_multiplier_ci95": None,
+               "paired_seeds": None, "paired_deltas": None, "paired_p": None,
+               "compute_multiplier": None, "compute_multiplier_ci95": None,
                "steps_to_gpt_loss": None, "time_to_gpt_loss": None, "ms_per_step": ms_per_step[spec]}
         if spec != base:
             row["welch_p"], row["delta_ci95"] = welch(finals, list(base_final.values()))
-            row["paired_seeds"] = [r["seed"] for r in rs if r["seed"] in base_final]
-            row["paired_deltas"] = [r["final"] - base_final[r["seed"]] for r in rs if r["seed"] in base_final]
+            paired = [r for r in rs if r["seed"] in base_final]  # the seeds the baseline has too
+            row["paired_seeds"] = [r["seed"] for r in paired]
+            row["paired_deltas"] = [r["final"] - base_final[r["seed"]] for r in paired]
             row["paired_p"] = paired_p(row["paired_deltas"])
         if fit:
             needed = flops_to_reach(fit, mean)
@@ -782,7 +784,7 @@ def seeds_markdown(summary):
     """The paired Δs behind 'p (paired)', seed by seed: on how many seeds each model ended below the
     baseline, and by how much on each; empty where no model shares two seeds with the baseline."""
     base = summary["baseline"]
-    rows = [r for r in summary["rows"] if r["model"] != base and len(r.get("paired_deltas") or []) >= 2]
+    rows = [r for r in summary["rows"] if r["model"] != base and len(r["paired_deltas"] or []) >= 2]
     if not rows:
         return ""
     lines = [f"\nSeed by seed: each model's final val loss minus `{base}`'s on the same seed (the same batches).\n",
